@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The one test command (README.md): installs what the tests need on a fresh Debian machine, then runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=""
+  for pair in curl:curl ip:iproute2 iptables:iptables; do
+    command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
+  done
+  if [ -n "$need" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  fi
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m ruff check --quiet .
+exec python3 -m pytest -q -p no:cacheprovider "$@"

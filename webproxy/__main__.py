@@ -1,0 +1,3 @@
+from webproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""Configuration: a TOML file checked against one schema of sections, keys, types and defaults.
+
+The schema below is the single source of truth: `conf/webproxy.toml` documents the same keys and
+a test keeps the two in step. Every error is one line naming the key and what is wrong, so the CLI
+can print it and exit 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A problem with the configuration, worded for the person who wrote it."""
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "webproxy")
+
+
+# Types understood by the checker. "size" takes an integer number of bytes or a string such as
+# "512 MiB"; "addr" is "host:port" ("[::1]:3128" for IPv6); "nets" is a list of CIDR networks.
+SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "server": {
+        "listen": ("addrs", ["127.0.0.1:3128"]),
+        "name": ("str", "webproxy"),
+        "workers": ("int", 1),
+        "idle_timeout": ("float", 60.0),
+        "max_requests_per_connection": ("int", 10000),
+        "grace_period": ("float", 10.0),
+        "max_header_size": ("size", 65536),
+        "max_uri_length": ("int", 16384),
+        "max_body_size": ("size", 0),
+        "x_forwarded_for": ("bool", False),
+    },
+    "access": {
+        "allow_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
+        "admin_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
+        "allow_domains": ("strs", []),
+        "deny_domains": ("strs", []),
+        "max_connections": ("int", 4096),
+        "max_connections_per_client": ("int", 1024),
+        "connect_ports": ("ints", [443]),
+    },
+    "upstream": {
+        "connect_timeout": ("float", 10.0),
+        "read_timeout": ("float", 60.0),
+        "pool_size": ("int", 256),
+        "pool_size_per_host": ("int", 0),
+        "keepalive_timeout": ("float", 30.0),
+        "dns_ttl": ("float", 60.0),
+    },
+    "log": {
+        "access_log": ("str", "-"),
+        "level": ("choice:debug,info,warning,error", "info"),
+    },
+    "cache": {
+        "enabled": ("bool", True),
+        "directory": ("str", _default_cache_dir()),
+        "capacity": ("size", 1 << 30),
+        "max_object_size": ("size", 256 << 20),
+        "memory_object_size": ("size", 64 << 10),
+        "memory_capacity": ("size", 64 << 20),
+        "heuristic_fraction": ("float", 0.1),
+        "heuristic_max": ("float", 86400.0),
+        "serve_stale_on_error": ("bool", False),
+        "collapse_wait": ("float", 30.0),
+    },
+    "refresh": {
+        "enabled": ("bool", True),
+        "window": ("float", 0.1),
+        "min_window": ("float", 5.0),
+        "popularity_window": ("float", 600.0),
+        "min_hits": ("int", 2),
+        "max_per_second": ("float", 5.0),
+        "max_concurrent": ("int", 2),
+        "max_client_rate": ("float", 200.0),
+        "max_upstream_fetches": ("int", 32),
+        "interval": ("float", 1.0),
+    },
+    "ftp": {
+        "anonymous_user": ("str", "anonymous"),
+        "anonymous_password": ("str", "webproxy@"),
+        "default_ttl": ("float", 3600.0),
+        "heuristic_fraction": ("float", 0.1),
+        "idle_timeout": ("float", 30.0),
+        "max_sessions_per_server": ("int", 4),
+        "timeout": ("float", 30.0),
+    },
+    "transparent": {
+        "listen": ("addrs", []),
+        "mode": ("choice:redirect,tproxy", "redirect"),
+        "spoof_client_address": ("bool", False),
+        "sniff_bytes": ("int", 4096),
+        "sniff_timeout": ("float", 2.0),
+    },
+}
+
+# Keys whose new value only takes effect after a restart (SIGHUP reports them).
+RESTART_KEYS = {"server.listen", "server.workers", "cache.directory", "transparent.listen", "transparent.mode"}
+
+# Sections that are lists of tables; each entry is checked against its own schema.
+LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "tunnel": {
+        "listen": ("addr", None),
+        "upstreams": ("addrs", None),
+        "balance": ("choice:round-robin,least-connections", "round-robin"),
+        "max_connections": ("int", 1024),
+        "max_connections_per_client": ("int", 0),
+        "when_full": ("choice:wait,refuse", "refuse"),
+        "allow_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
+        "connect_timeout": ("float", 10.0),
+        "idle_timeout": ("float", 0.0),
+    },
+}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: Any) -> int:
+    """Parse 1048576, "1 MiB", "1M", "512k" into bytes (binary units either way)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as 1048576 or \"1 MiB\"")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size such as 1048576 or \"1 MiB\"")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_addr(value: Any) -> tuple[str, int]:
+    """Parse "host:port" or "[v6]:port" into (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError("expected \"host:port\"")
+    m = re.match(r"^\[([^\]]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]*):(\d+)$", value)
+    if not m:
+        raise ValueError(f"{value!r} is not \"host:port\" (write IPv6 as \"[::1]:3128\")")
+    host, port = m.group(1), int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host or "0.0.0.0", port
+
+
+def _check(kind: str, value: Any) -> Any:
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if value < 0:
+            raise ValueError("expected a number >= 0")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expected a number")
+        if value < 0:
+            raise ValueError("expected a number >= 0")
+        return float(value)
+    if kind == "size":
+        return parse_size(value)
+    if kind == "addr":
+        return parse_addr(value)
+    if kind in ("addrs", "strs", "ints", "nets"):
+        if isinstance(value, str) and kind in ("addrs", "nets", "strs"):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        if kind == "addrs":
+            return [parse_addr(v) for v in value]
+        if kind == "strs":
+            return [_check("str", v) for v in value]
+        if kind == "ints":
+            return [_check("int", v) for v in value]
+        nets = []
+        for v in value:
+            try:
+                nets.append(ipaddress.ip_network(v, strict=False))
+            except (ValueError, TypeError):
+                raise ValueError(f"{v!r} is not a network such as \"192.168.0.0/16\"") from None
+        return nets
+    if kind.startswith("choice:"):
+        choices = kind[7:].split(",")
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+    raise AssertionError(kind)
+
+
+def _check_section(where: str, schema: dict[str, tuple[str, Any]], table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"config: [{where}] must be a table")
+    out: dict[str, Any] = {}
+    for key in table:
+        if key not in schema:
+            known = ", ".join(schema)
+            raise ConfigError(f"config: unknown key '{where}.{key}' (known keys in [{where}]: {known})")
+    for key, (kind, default) in schema.items():
+        if key in table:
+            try:
+                out[key] = _check(kind, table[key])
+            except ValueError as e:
+                raise ConfigError(f"config: '{where}.{key}': {e}") from None
+        elif default is None:
+            raise ConfigError(f"config: '{where}.{key}' is required")
+        else:
+            out[key] = _check(kind, default)
+    return out
+
+
+@dataclass
+class Config:
+    """The checked configuration: `cfg.server["listen"]`, `cfg.cache["capacity"]`, ..."""
+
+    server: dict[str, Any]
+    access: dict[str, Any]
+    upstream: dict[str, Any]
+    log: dict[str, Any]
+    cache: dict[str, Any]
+    refresh: dict[str, Any]
+    ftp: dict[str, Any]
+    transparent: dict[str, Any]
+    tunnel: list[dict[str, Any]]
+    path: str | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """Every key as "section.key" -> value, for diffing on reload."""
+        out = {}
+        for section in SCHEMA:
+            for key, value in getattr(self, section).items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
+    for section in data:
+        if section not in SCHEMA and section not in LIST_SCHEMA:
+            known = ", ".join([*SCHEMA, *LIST_SCHEMA])
+            raise ConfigError(f"config: unknown section [{section}] (known sections: {known})")
+    sections = {name: _check_section(name, schema, data.get(name, {})) for name, schema in SCHEMA.items()}
+    tunnels = data.get("tunnel", [])
+    if not isinstance(tunnels, list):
+        raise ConfigError("config: tunnels are written [[tunnel]] (a list of tables)")
+    checked = [_check_section(f"tunnel[{i}]", LIST_SCHEMA["tunnel"], t) for i, t in enumerate(tunnels)]
+    sections["cache"]["directory"] = os.path.expanduser(sections["cache"]["directory"])
+    return Config(**sections, tunnel=checked, path=path)
+
+
+def load(path: str | None) -> Config:
+    """Load and check a config file; None gives the embedded defaults."""
+    if path is None:
+        return from_dict({})
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    return from_dict(data, path)
