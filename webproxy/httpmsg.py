@@ -1,0 +1,159 @@
+"""HTTP message helpers shared by the front end and the fetchers: target parsing, hop-by-hop
+stripping (RFC 9110 7.6.1), Via, and the short plain-text error responses.
+
+Headers travel as `list[tuple[str, str]]` (names as received, values latin-1 decoded) so the cache
+can read them without knowing about sockets, and so duplicates and order survive.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+
+Headers = list[tuple[str, str]]
+
+# Always hop-by-hop, whatever Connection says. Proxy-Authorization is for this proxy: it is
+# consumed (or ignored) here and never passed to an origin.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+
+
+def header_values(headers: Headers, name: str) -> list[str]:
+    name = name.lower()
+    return [v for k, v in headers if k.lower() == name]
+
+
+def get_header(headers: Headers, name: str) -> str | None:
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def tokens(headers: Headers, name: str) -> list[str]:
+    """Comma-separated list values of every `name` line, lower-cased and stripped."""
+    out = []
+    for value in header_values(headers, name):
+        out.extend(t.strip().lower() for t in value.split(",") if t.strip())
+    return out
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Drop the fixed hop-by-hop set and every header Connection names."""
+    named = set(tokens(headers, "connection"))
+    return [(k, v) for k, v in headers if (lk := k.lower()) not in HOP_BY_HOP and lk not in named]
+
+
+@dataclass(frozen=True)
+class Target:
+    """An absolute-form request target, split without re-quoting anything."""
+
+    scheme: str
+    host: str  # lower-cased; IPv6 without brackets
+    port: int
+    authority: str  # host[:port] as the client wrote it (minus userinfo), for the Host header
+    path: str  # origin-form: path + query exactly as received, "/" when empty
+    userinfo: str = ""
+
+    @property
+    def origin_url(self) -> str:
+        """The URL to fetch, rebuilt from its parts, path bytes untouched."""
+        return f"{self.scheme}://{self.authority}{self.path}"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9\-._~%!$&'()*+,;=]+))(?::(\d*))?$")
+
+
+class BadTarget(ValueError):
+    """The request target cannot be used; the message says why, for the 400 body."""
+
+
+def parse_absolute(url: str) -> Target:
+    """Split `scheme://[userinfo@]host[:port]/path?query` (fragments are not sent by clients)."""
+    m = _SCHEME_RE.match(url)
+    if not m:
+        raise BadTarget(f"not an absolute URL: {url[:200]!r}")
+    scheme = m.group(1).lower()
+    rest = url[m.end() :]
+    cut = len(rest)
+    for sep in "/?#":
+        i = rest.find(sep)
+        if i != -1 and i < cut:
+            cut = i
+    authority, path = rest[:cut], rest[cut:]
+    if "#" in path:
+        path = path[: path.index("#")]
+    if not path.startswith("/"):
+        path = "/" + path
+    userinfo = ""
+    if "@" in authority:
+        userinfo, authority = authority.rsplit("@", 1)
+    hm = _HOST_RE.match(authority)
+    if not hm or not authority:
+        raise BadTarget(f"bad host in URL: {authority[:200]!r}")
+    host = (hm.group(1) or hm.group(2)).lower()
+    port_text = hm.group(3)
+    if port_text:
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise BadTarget(f"bad port in URL: {port_text}")
+    else:
+        port = DEFAULT_PORTS.get(scheme, 0)
+        authority = authority.rstrip(":")
+    return Target(scheme, host, port, authority, path, userinfo)
+
+
+def parse_authority(value: str, default_port: int) -> tuple[str, int]:
+    """Split "host:port" (CONNECT targets, Host headers); brackets allowed for IPv6."""
+    hm = _HOST_RE.match(value.strip())
+    if not hm or not value.strip():
+        raise BadTarget(f"bad host:port {value[:200]!r}")
+    host = (hm.group(1) or hm.group(2)).lower()
+    port = int(hm.group(3)) if hm.group(3) else default_port
+    if not 0 < port < 65536:
+        raise BadTarget(f"bad port in {value[:200]!r}")
+    return host, port
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def serialize_head(status: int, reason: str, headers: Headers, version: str = "1.1") -> bytes:
+    lines = [f"HTTP/{version} {status} {reason}\r\n"]
+    lines.extend(f"{k}: {v}\r\n" for k, v in headers)
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def error_body(status: int, message: str) -> bytes:
+    """A short, plain body a person can read in a browser or in curl's output."""
+    return f"{status} {reason_phrase(status)}\n\n{message}\n".encode("utf-8", "replace")
+
+
+def has_via_loop(headers: Headers, name: str) -> bool:
+    """True when one of the Via entries was added by a proxy called `name` (that is: us)."""
+    name = name.lower()
+    for entry in tokens(headers, "via"):
+        parts = entry.split()
+        if len(parts) >= 2 and parts[1] == name:
+            return True
+    return False

@@ -1,0 +1,311 @@
+"""What the proxy does with one parsed request: access checks, then CONNECT, an http:// or ftp://
+fetch, or a page about the proxy itself. Every path ends in exactly one access-log line.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from webproxy import __version__
+from webproxy.acl import domain_denied
+from webproxy.frontend import ClientConnection, ClientGone, Reject, Request, ResponseWriter
+from webproxy.httpmsg import (
+    BadTarget,
+    Headers,
+    Target,
+    get_header,
+    has_via_loop,
+    parse_absolute,
+    strip_hop_by_hop,
+)
+from webproxy.upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from webproxy.server import ProxyServer
+
+# Schemes a client might send in absolute form that we know but do not fetch ourselves.
+_KNOWN_UNSUPPORTED = {"https", "ws", "wss", "gopher", "wais", "news", "nntp", "telnet"}
+
+
+class Exchange:
+    """The access-log fields of one request, filled in as it is handled."""
+
+    __slots__ = ("code", "status", "hierarchy", "ctype", "url")
+
+    def __init__(self, url: str) -> None:
+        self.code = "TAG_NONE"
+        self.status = 0
+        self.hierarchy = "HIER_NONE/-"
+        self.ctype: str | None = None
+        self.url = url
+
+
+class Proxy:
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    @property
+    def cfg(self) -> Any:
+        return self.server.cfg
+
+    # ---- entry point --------------------------------------------------------------------------
+    async def handle(self, conn: ClientConnection, req: Request) -> bool:
+        """Answer one request; returns whether the connection may serve another."""
+        rw = ResponseWriter(conn, req)
+        ex = Exchange(req.target)
+        keep = False
+        try:
+            keep = await self._dispatch(conn, req, rw, ex)
+        except ClientGone:
+            ex.code = ex.code if ex.code != "TAG_NONE" else "TCP_MISS_ABORTED"
+            if not ex.code.endswith("_ABORTED"):
+                ex.code += "_ABORTED"
+            keep = False
+        except Reject as e:
+            keep = self._error(rw, ex, e.status, e.message, close=True)
+        except Exception as e:  # never let one request take the process (or the connection) down silently
+            self.server.log_error(f"internal error handling {req.method} {req.target[:200]}: {e!r}")
+            if not conn.response_started and not conn.closed:
+                keep = self._error(rw, ex, 500, "internal proxy error; see the proxy's error log", close=True)
+            else:
+                conn.abort()
+                keep = False
+        finally:
+            self.server.access(conn, req, ex, rw.nbytes)
+        return keep
+
+    async def _dispatch(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        if conn.server.denied(conn):
+            ex.code = "TCP_DENIED"
+            return self._error(rw, ex, 403, f"access denied: your address {conn.client_ip} may not use this proxy", close=True)
+        if req.method == "CONNECT":
+            return await self.server.connect(conn, req, rw, ex)
+        if req.target.startswith("/") or req.target == "*":
+            return await self.origin_form(conn, req, rw, ex)
+        try:
+            target = parse_absolute(req.target)
+        except BadTarget as e:
+            return self._error(rw, ex, 400, str(e))
+        if target.scheme == "http":
+            return await self.http(conn, req, rw, ex, target)
+        if target.scheme == "ftp":
+            return await self.server.ftp(conn, req, rw, ex, target)
+        if target.scheme in _KNOWN_UNSUPPORTED:
+            return self._error(rw, ex, 501, f"this proxy does not fetch {target.scheme}:// URLs itself; "
+                               "for https use CONNECT (set the proxy for https in your client)")
+        return self._error(rw, ex, 400, f"unsupported URL scheme {target.scheme!r}")
+
+    # ---- checks shared by every fetch ---------------------------------------------------------
+    def check_target(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool | None:
+        """Domain filter and loop detection; returns the keep-alive answer when refused, else None."""
+        why = domain_denied(target.host, self.cfg.access)
+        if why:
+            ex.code = "TCP_DENIED"
+            return self._error(rw, ex, 403, f"access denied: {why}")
+        if has_via_loop(req.headers, self.cfg.server["name"]):
+            ex.code = "TCP_DENIED"
+            return self._error(rw, ex, 508, f"forwarding loop detected: this request for {target.host} "
+                               "has already passed through this proxy")
+        return None
+
+    def _error(self, rw: ResponseWriter, ex: Exchange, status: int, message: str, close: bool = False,
+               extra: Headers | None = None) -> bool:
+        ex.status = status
+        ex.ctype = "text/plain"
+        if rw.conn.response_started or rw.conn.closed:
+            rw.conn.abort()
+            return False
+        return rw.simple(status, message, extra=extra, close=close)
+
+    # ---- http:// -----------------------------------------------------------------------------
+    def request_headers(self, req: Request, target: Target, conn: ClientConnection) -> Headers | None:
+        """End-to-end request headers for the origin, with Host from the URL and our Via;
+        None when Max-Forwards says this hop must answer itself."""
+        headers = [(k, v) for k, v in strip_hop_by_hop(req.headers) if k.lower() not in ("host", "expect")]
+        if req.method in ("TRACE", "OPTIONS"):
+            mf = get_header(headers, "max-forwards")
+            if mf is not None and mf.strip().isdigit():
+                n = int(mf.strip())
+                if n == 0:
+                    return None
+                headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
+                headers.append(("Max-Forwards", str(n - 1)))
+        headers.insert(0, ("Host", target.authority))
+        headers.append(("Via", f"{req.version} {self.cfg.server['name']} (webproxy/{__version__})"))
+        if self.cfg.server["x_forwarded_for"]:
+            prior = get_header(headers, "x-forwarded-for")
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
+            headers.append(("X-Forwarded-For", f"{prior}, {conn.client_ip}" if prior else conn.client_ip))
+        return headers
+
+    async def http(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool:
+        if self.server.is_self(target.host, target.port):
+            req.target = target.path  # http://proxy:3128/ names this proxy: answer it, do not loop
+            return await self.origin_form(conn, req, rw, ex)
+        refused = self.check_target(req, rw, ex, target)
+        if refused is not None:
+            return refused
+        headers = self.request_headers(req, target, conn)
+        if headers is None:
+            return self.answer_max_forwards(req, rw, ex)
+        cache = self.server.cache_layer
+        if cache is not None:
+            handled = await cache.handle(conn, req, rw, ex, target, headers)
+            if handled is not None:
+                return handled
+        return await self.forward(req, rw, ex, target, headers)
+
+    async def fetch(self, req: Request, ex: Exchange, target: Target, headers: Headers,
+                    method: str | None = None) -> aiohttp.ClientResponse:
+        """Send the request upstream (streaming the client's body) and return the response head."""
+        body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
+        upstream = self.server.upstream
+        upstream.active += 1
+        try:
+            resp = await upstream.request(method or req.method, target.origin_url, headers, body,
+                                          f"{target.host}:{target.port}")
+        finally:
+            upstream.active -= 1
+        ex.hierarchy = f"HIER_DIRECT/{_peer_ip(resp) or target.host}"
+        return resp
+
+    def response_headers(self, resp: aiohttp.ClientResponse) -> Headers:
+        """The origin's end-to-end response headers plus our Via; framing headers are re-made."""
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+        headers = [(k, v) for k, v in strip_hop_by_hop(raw) if k.lower() != "content-length"]
+        headers.append(("Via", f"{resp.version.major}.{resp.version.minor} {self.cfg.server['name']} (webproxy/{__version__})"))
+        return headers
+
+    @staticmethod
+    def response_length(resp: aiohttp.ClientResponse) -> int | None:
+        if "Transfer-Encoding" in resp.headers:
+            return None
+        cl = resp.headers.get("Content-Length")
+        if cl is not None and cl.strip().isdigit():
+            return int(cl)
+        return None
+
+    async def forward(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target, headers: Headers) -> bool:
+        """Plain pass-through: fetch and stream back, nothing stored."""
+        try:
+            resp = await self.fetch(req, ex, target, headers)
+        except UpstreamError as e:
+            ex.code = "TCP_MISS"
+            return self._upstream_error(req, rw, ex, e)
+        ex.code = "TCP_MISS"
+        return await self.relay_response(req, rw, ex, resp)
+
+    async def relay_response(self, req: Request, rw: ResponseWriter, ex: Exchange, resp: aiohttp.ClientResponse,
+                             sink: Any = None, extra: Headers | None = None) -> bool:
+        """Stream an origin response to the client (and to `sink`, a cache fill, when given)."""
+        ex.status = resp.status
+        ex.ctype = resp.headers.get("Content-Type")
+        headers = self.response_headers(resp)
+        if extra:
+            headers.extend(extra)
+        length = self.response_length(resp)
+        try:
+            rw.start(resp.status, resp.reason or "", headers, length)
+            if rw.no_body:
+                # HEAD/204/304: the head is the whole answer, but a HEAD's Content-Length is news
+                # the client wants, so put the origin's back.
+                pass
+            else:
+                async for chunk in resp.content.iter_any():
+                    if sink is not None:
+                        sink.write(chunk)
+                    await rw.send(chunk)
+                if length is not None and rw.remaining is not None and resp.content.total_bytes < length:
+                    raise aiohttp.ClientPayloadError("origin closed before the end of the body")
+            if sink is not None:
+                sink.commit()
+                sink = None
+            resp.release()
+            return rw.end()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            # The head is out: the only honest signal left is to cut the connection, so the client
+            # sees a truncated body instead of a complete-looking wrong one.
+            self.server.log_error(f"upstream failed mid-body for {req.target[:200]}: {e!r}")
+            ex.code = ex.code + "_ABORTED" if not ex.code.endswith("_ABORTED") else ex.code
+            resp.close()
+            rw.conn.abort()
+            return False
+        except BaseException:
+            resp.close()
+            raise
+        finally:
+            if sink is not None:
+                sink.abort()
+
+    def _upstream_error(self, req: Request, rw: ResponseWriter, ex: Exchange, e: UpstreamError) -> bool:
+        if req.body is not None and isinstance(req.body.error, Reject):
+            r = req.body.error
+            return self._error(rw, ex, r.status, r.message, close=True)
+        if req.body is not None and isinstance(req.body.error, ClientGone):
+            raise req.body.error
+        return self._error(rw, ex, e.status, e.message)
+
+    def answer_max_forwards(self, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        """TRACE or OPTIONS with Max-Forwards: 0 is answered by this hop (RFC 9110 7.6.2)."""
+        ex.code = "TCP_MISS"
+        ex.status = 200
+        if req.method == "OPTIONS":
+            rw.start(200, "OK", [("Allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"),
+                                 ("Via", f"{req.version} {self.cfg.server['name']}")], 0)
+            return rw.end()
+        # Echo what we received, minus credentials (RFC 9110 9.3.8 says TRACE must not leak them).
+        secret = {"authorization", "proxy-authorization", "cookie"}
+        lines = [f"{req.method} {req.target} HTTP/{req.version}"]
+        lines += [f"{k}: {v}" for k, v in req.headers if k.lower() not in secret]
+        body = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        ex.ctype = "message/http"
+        rw.start(200, "OK", [("Content-Type", "message/http")], len(body))
+        rw.conn.write(body)
+        rw.nbytes += len(body)
+        return rw.end()
+
+    # ---- requests for the proxy itself ----------------------------------------------------------
+    async def origin_form(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        host = get_header(req.headers, "host")
+        if conn.transparent_dst is not None:
+            return await self.server.transparent_http(conn, req, rw, ex, host)
+        if req.method in ("GET", "HEAD") and req.target in ("/", "/status"):
+            ex.code = "TCP_MISS"
+            ex.status = 200
+            ex.ctype = "text/html"
+            body = self.status_page().encode()
+            rw.start(200, "OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], len(body))
+            if req.method != "HEAD":
+                conn.write(body)
+                rw.nbytes += len(body)
+            return rw.end()
+        return self._error(rw, ex, 400, f"this is a proxy server, not a web server: {req.target[:200]!r} "
+                           f"(Host: {host or 'none'}) is not an absolute URL. Configure your client to use "
+                           "this address as its HTTP proxy, e.g. curl -x http://HOST:PORT http://example.com/")
+
+    def status_page(self) -> str:
+        s = self.server
+        rows = [
+            ("version", __version__),
+            ("uptime", f"{int(time.time() - s.started)} s"),
+            ("client connections open", str(s.counter.total)),
+            ("requests served", str(s.requests)),
+        ]
+        rows += s.status_rows()
+        cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        return (f"<!doctype html><html><head><title>webproxy</title></head><body><h1>webproxy</h1>"
+                f"<p>This is an HTTP proxy. Point your client at it; it does not serve pages itself.</p>"
+                f"<table>{cells}</table></body></html>\n")
+
+
+def _peer_ip(resp: aiohttp.ClientResponse) -> str | None:
+    conn = resp.connection
+    if conn is None or conn.transport is None:
+        return None
+    peer = conn.transport.get_extra_info("peername")
+    return peer[0] if peer else None
