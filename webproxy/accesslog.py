@@ -50,6 +50,8 @@ class AccessLog:
     ) -> None:
         if self._file is None:
             return
+        # Squid logs the bare media type: parameters would add a space and break field splitting.
+        ctype = ctype.split(";", 1)[0].strip() if ctype else ""
         now = time.time()
         elapsed = int((now - start) * 1000)
         self._buf.append(

@@ -8,6 +8,8 @@ What to do with a request is not decided here: `handler(conn, request)` does tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -146,6 +148,10 @@ class ClientConnection(asyncio.Protocol):
         self._admitted = False
         self._paused: set[str] = set()
         self._parse_failed = False
+        self._in_message = False
+        self._completed = 0
+        self._stash = b""
+        self._method_override: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -233,8 +239,19 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._parse_failed:
             return
+        if self._stash:
+            data, self._stash = self._stash + data, b""
+        at_boundary = not self._in_message
+        self._completed = 0
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserInvalidMethodError:
+            # llhttp knows a fixed list of methods; a proxy must forward extension methods too.
+            off = 0 if self._completed == 0 else _boundary_after(data, self._completed)
+            if not at_boundary or off is None:
+                self._fail_parse(400, "malformed HTTP request (invalid method)")
+            else:
+                self._extension_method(data[off:])
         except httptools.HttpParserUpgrade as e:
             self._on_upgrade(data[e.args[0]:])
         except Reject as e:
@@ -245,6 +262,25 @@ class ClientConnection(asyncio.Protocol):
                 self._fail_parse(cause.status, cause.message)
             else:
                 self._fail_parse(400, f"malformed HTTP request ({_parser_reason(e)})")
+
+    def _extension_method(self, rest: bytes) -> None:
+        """Re-feed a request whose method llhttp does not know, with a stand-in method that frames
+        the same way; on_headers_complete puts the real one back."""
+        sp = rest.find(b" ")
+        self.parser = httptools.HttpRequestParser(self)
+        self._in_message = False
+        if sp == -1:
+            if len(rest) > 64:
+                self._fail_parse(400, "malformed HTTP request (method token too long)")
+            else:
+                self._stash = rest  # the method token is not complete yet
+            return
+        method = rest[:sp]
+        if not _TOKEN_RE.fullmatch(method):
+            self._fail_parse(400, "malformed HTTP request (invalid method)")
+            return
+        self._method_override = method.decode("ascii")
+        self.data_received(b"GET" + rest[sp:])
 
     def _on_upgrade(self, rest: bytes) -> None:
         req = self.pending[-1] if self.pending else None
@@ -268,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         self._wake()
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._reset_message()
         self._msg_start = self.server.now()
         self._disarm_idle()
@@ -296,7 +333,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         p = self.parser
-        method = p.get_method().decode("latin-1")
+        method = self._method_override or p.get_method().decode("latin-1")
+        self._method_override = None
         version = p.get_http_version()
         target = b"".join(self._url).decode("latin-1")
         headers = self._hdrs
@@ -329,6 +367,8 @@ class ClientConnection(asyncio.Protocol):
             self._cur_body.feed(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
+        self._completed += 1
         if self._cur_body is not None:
             self._cur_body.finish()
             self._cur_body = None
@@ -455,7 +495,10 @@ class ResponseWriter:
         conn, req = self.conn, self.req
         keep = conn.request_keep_alive(req)
         self.no_body = not has_body or req.method == "HEAD" or status in (204, 304) or status < 200
-        if not self.no_body:
+        if self.no_body:
+            if length is not None and status >= 200 and status != 204:
+                headers.append(("Content-Length", str(length)))  # what a GET would carry: HEAD's news
+        else:
             if length is not None:
                 headers.append(("Content-Length", str(length)))
                 self.remaining = length
@@ -535,6 +578,36 @@ def _check_framing(headers: Headers) -> None:
             raise Reject(400, "Transfer-Encoding must end in a single 'chunked'")
         if any(c not in ("chunked", "gzip", "deflate", "compress", "identity", "x-gzip") for c in codings):
             raise Reject(501, f"unsupported transfer coding in {', '.join(codings)!r}")
+
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_message_complete(self) -> None:
+        self.n += 1
+
+
+def _boundary_after(data: bytes, k: int) -> int | None:
+    """Offset in `data` (which starts at a message boundary) where message k+1 begins: the shortest
+    prefix in which a scratch parser completes k messages. Only used on the rare extension-method path."""
+    def completed(prefix: bytes) -> int:
+        c = _Counter()
+        with contextlib.suppress(httptools.HttpParserError):
+            httptools.HttpRequestParser(c).feed_data(prefix)
+        return c.n
+
+    lo, hi = 1, len(data)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if completed(data[:mid]) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if completed(data[:lo]) >= k else None
 
 
 def _parser_reason(e: Exception) -> str:

@@ -211,11 +211,7 @@ class Proxy:
         length = self.response_length(resp)
         try:
             rw.start(resp.status, resp.reason or "", headers, length)
-            if rw.no_body:
-                # HEAD/204/304: the head is the whole answer, but a HEAD's Content-Length is news
-                # the client wants, so put the origin's back.
-                pass
-            else:
+            if not rw.no_body:
                 async for chunk in resp.content.iter_any():
                     if sink is not None:
                         sink.write(chunk)

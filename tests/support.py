@@ -1,0 +1,333 @@
+"""Test support: a real origin server (aiohttp, in its own thread) that counts requests and TCP
+connections, a real webproxy process, and raw-socket helpers that read the proxy's bytes with
+h11 (an independent, strict HTTP parser)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h11
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Origin:
+    """An aiohttp origin in a background thread. Tests add routes before `start()` or use the
+    built-in ones; `hits[path]` counts requests, `connections` counts distinct TCP connections."""
+
+    def __init__(self) -> None:
+        self.app = web.Application(client_max_size=0)
+        self.hits: Counter[str] = Counter()
+        self.peers: set[tuple[str, int]] = set()
+        self.requests: list[dict[str, Any]] = []
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._builtin_routes()
+
+    @property
+    def connections(self) -> int:
+        return len(self.peers)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def reset(self) -> None:
+        self.hits.clear()
+        self.peers.clear()
+        self.requests.clear()
+
+    def _record(self, request: web.Request) -> None:
+        self.hits[request.path] += 1
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.peers.add(peer[:2])
+        self.requests.append({"method": request.method, "path_qs": request.raw_path,
+                              "headers": list(request.raw_headers)})
+
+    def route(self, method: str, path: str, handler: Callable[..., Any]) -> None:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            self._record(request)
+            return await handler(request)
+
+        if method == "GET":
+            self.app.router.add_get(path, wrapped)  # GET routes answer HEAD too, as real servers do
+        else:
+            self.app.router.add_route(method, path, wrapped)
+
+    def _builtin_routes(self) -> None:
+        async def echo(request: web.Request) -> web.Response:
+            body = await request.read()
+            lines = [f"{request.method} {request.raw_path} HTTP/{request.version.major}.{request.version.minor}"]
+            lines += [f"{k.decode()}: {v.decode()}" for k, v in request.raw_headers]
+            return web.Response(text="\n".join(lines) + "\n\n" + body.decode("latin-1"),
+                                headers={"Cache-Control": "no-store"})
+
+        async def upload(request: web.Request) -> web.Response:
+            h = hashlib.sha256()
+            n = 0
+            async for chunk in request.content.iter_any():
+                h.update(chunk)
+                n += len(chunk)
+            return web.json_response({"length": n, "sha256": h.hexdigest(),
+                                      "te": request.headers.get("Transfer-Encoding"),
+                                      "cl": request.headers.get("Content-Length")})
+
+        async def stream(request: web.Request) -> web.StreamResponse:
+            n = int(request.match_info["n"])
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Cache-Control": "no-store"})
+            if request.query.get("length") == "1":
+                resp.content_length = n
+            await resp.prepare(request)
+            block = b"x" * 65536
+            sent = 0
+            while sent < n:
+                part = block[: min(65536, n - sent)]
+                await resp.write(part)
+                sent += len(part)
+            await resp.write_eof()
+            return resp
+
+        async def status(request: web.Request) -> web.Response:
+            code = int(request.match_info["code"])
+            return web.Response(status=code, body=b"" if code in (204, 304) else f"status {code}\n".encode())
+
+        async def slow(request: web.Request) -> web.Response:
+            await asyncio.sleep(float(request.query.get("s", "5")))
+            return web.Response(text="late\n")
+
+        async def text(request: web.Request) -> web.Response:
+            return web.Response(text=f"hello {request.match_info['name']}\n", headers={"Cache-Control": "no-store"})
+
+        self.route("*", "/echo{tail:.*}", echo)
+        self.route("*", "/upload", upload)
+        self.route("GET", "/stream/{n}", stream)
+        self.route("*", "/status/{code}", status)
+        self.route("GET", "/slow", slow)
+        self.route("GET", "/text/{name}", text)
+
+    def start(self) -> Origin:
+        ready = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            self._runner = web.AppRunner(self.app, access_log=None)
+            self.loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self._runner.cleanup())
+            self.loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class ProxyProcess:
+    """A real `python -m webproxy run -c FILE` process on a free loopback port."""
+
+    def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]] | None = None) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.log_path = tmp / "access.log"
+        self.err_path = tmp / "stderr.log"
+        base: dict[str, dict[str, Any]] = {
+            "server": {"listen": [f"127.0.0.1:{self.port}"], "grace_period": 5.0},
+            "log": {"access_log": str(self.log_path)},
+            "cache": {"directory": str(tmp / "cache")},
+        }
+        for section, keys in (sections or {}).items():
+            base.setdefault(section, {}).update(keys)
+        self.config_path = write_config(tmp / "webproxy.toml", base)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ProxyProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self._err = open(self.err_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "webproxy", "run", "-c", str(self.config_path)],
+                                     stdout=subprocess.DEVNULL, stderr=self._err, env=env, cwd=str(self.tmp))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"webproxy exited {self.proc.returncode}: {self.stderr()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"webproxy did not start: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace") if self.err_path.exists() else ""
+
+    def access_lines(self, wait_for: int = 0) -> list[str]:
+        """Access log lines; waits (bounded) for at least `wait_for` lines, since the log is buffered."""
+        deadline = time.monotonic() + 5
+        while True:
+            lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+            if len(lines) >= wait_for or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.1)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
+
+
+class RawClient:
+    """A client socket that writes raw bytes and reads responses with h11."""
+
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+        self.sock.settimeout(timeout)
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def expect(self, method: bytes = b"GET") -> None:
+        """Tell h11 what request the next response answers (h11 needs it to frame bodies)."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        self.conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))
+        self.conn.send(h11.EndOfMessage())
+
+    def response(self, method: bytes = b"GET") -> tuple[h11.Response, bytes]:
+        """Read one complete response (h11 rejects anything malformed)."""
+        self.expect(method)
+        resp = None
+        body = bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                data = self.sock.recv(65536)
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                resp = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert resp is not None
+                return resp, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("closed before a complete response")
+
+    def closed_by_peer(self, wait: float = 5) -> bool:
+        """True when the proxy has closed the connection (EOF) within `wait` seconds."""
+        r, _, _ = select.select([self.sock], [], [], wait)
+        if not r:
+            return False
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def header(resp: h11.Response, name: str) -> str | None:
+    for k, v in resp.headers:
+        if k.decode().lower() == name.lower():
+            return v.decode("latin-1")
+    return None
+
+
+def read_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    out = bytearray()
+    while True:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
