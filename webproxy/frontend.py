@@ -270,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self._in_message = False
         if sp == -1:
-            if len(rest) > 64:
+            if len(rest) > 64 or b"\n" in rest:
                 self._fail_parse(400, "malformed HTTP request (method token too long)")
             else:
                 self._stash = rest  # the method token is not complete yet
@@ -436,7 +436,7 @@ class ClientConnection(asyncio.Protocol):
 
     def request_keep_alive(self, req: Request) -> bool:
         """Whether this connection stays open after answering `req`."""
-        if not req.keep_alive or self.closing or self._parse_failed:
+        if not req.keep_alive or self.closing:
             return False
         limit = self.server.cfg.server["max_requests_per_connection"]
         return not (limit and self.served >= limit)

@@ -268,6 +268,10 @@ class Proxy:
     # ---- requests for the proxy itself ----------------------------------------------------------
     async def origin_form(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
         host = get_header(req.headers, "host")
+        if has_via_loop(req.headers, self.cfg.server["name"]):
+            ex.code = "TCP_DENIED"
+            return self._error(rw, ex, 508, f"forwarding loop detected: this request for {host} "
+                               "has already passed through this proxy")
         if conn.transparent_dst is not None:
             return await self.server.transparent_http(conn, req, rw, ex, host)
         if req.method in ("GET", "HEAD") and req.target in ("/", "/status"):
