@@ -72,8 +72,18 @@ class FtpSession:
         self, line: str | None, expected: str = "xxx", wait: str | tuple[str, ...] = ()
     ) -> tuple[str, list[str]]:
         """Send `line` (or only read a reply when None); raises aioftp.StatusCodeError when the
-        final reply does not match `expected`. Returns (code, lines)."""
-        return await self.client.command(line, expected, wait)
+        final reply does not match `expected`. Returns (code, lines). A 421 reply always means
+        the server is closing the control connection (RFC 959), so it raises ConnectionResetError
+        whatever was expected: callers treat it as a lost session, not as an answer."""
+        try:
+            code, lines = await self.client.command(line, expected, wait)
+        except aioftp.StatusCodeError as e:
+            if e.received_codes[-1] == "421":
+                raise ConnectionResetError(f"421 {' '.join(map(str, e.info))}".strip()) from None
+            raise
+        if code == "421":
+            raise ConnectionResetError(f"421 {' '.join(lines)}".strip())
+        return code, lines
 
     async def set_type(self, conn_type: str) -> None:
         if self.type != conn_type:
