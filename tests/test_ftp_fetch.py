@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import tracemalloc
+from collections import Counter
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from html.parser import HTMLParser
@@ -42,11 +43,16 @@ class Stats:
     live: int = 0
     max_live: int = 0
     disconnects: int = 0
+    commands: Counter[str] = field(default_factory=Counter)
 
 
 class CountingHandler(FTPHandler):
     stats: Stats
     auth_failed_timeout = 0  # pyftpdlib stalls 3 s after a bad password by default
+
+    def pre_process_command(self, line, cmd, arg):
+        self.stats.commands[cmd] += 1
+        return super().pre_process_command(line, cmd, arg)
 
     def on_connect(self) -> None:
         self.stats.live += 1
@@ -410,6 +416,8 @@ async def test_sequential_fetches_reuse_one_login(make_server, pool):
         resp, _ = await get(f"{server.url}/{name}", pool)
         assert resp.status == 200
     assert server.stats.logins == ["anonymous"]
+    assert server.stats.commands["TYPE"] == 1  # the session remembers its transfer type
+    assert server.stats.commands["EPSV"] == 4
 
 
 async def test_other_user_gets_own_session(make_server, pool):
@@ -500,6 +508,8 @@ async def test_epsv_refused_falls_back_to_pasv(make_server, tree, pool):
         assert body == (tree["root"] / "medium.bin").read_bytes()
     resp, body = await get(f"{server.url}/pub/", pool)
     assert resp.status == 200 and b"readme.txt" in body
+    # EPSV was tried once; the session remembered the refusal and used PASV for all three transfers.
+    assert (server.stats.commands["EPSV"], server.stats.commands["PASV"]) == (1, 3)
 
 
 async def test_mlsd_refused_falls_back_to_list(make_server, pool):
@@ -511,6 +521,7 @@ async def test_mlsd_refused_falls_back_to_list(make_server, pool):
     assert ("nested/", "nested/") in parser.links and ("readme.txt", "readme.txt") in parser.links
     resp, body = await get(f"{server.url}/;type=d", pool)
     assert ODD_NAME.encode() in body.splitlines()
+    assert (server.stats.commands["MLSD"], server.stats.commands["LIST"]) == (1, 2)
 
 
 # --- revalidation ------------------------------------------------------------------------------
