@@ -397,6 +397,22 @@ async def test_server_that_never_greets_is_504():
     assert resp.status == 504
 
 
+async def test_pool_resolver_replaces_dns_and_its_failure_is_502(ftpd):
+    async def resolve(host: str, port: int) -> str:
+        if host == "ftp.example.test":
+            return "127.0.0.1"
+        raise OSError(f"{host}: name does not resolve")
+
+    pool = FtpPool({"timeout": 10.0}, resolve=resolve)
+    try:
+        resp, body = await get(f"ftp://ftp.example.test:{ftpd.port}/small.txt", pool)
+        assert (resp.status, body) == (200, b"hello, world\n")
+        resp, body = await get(f"ftp://nowhere.example.test:{ftpd.port}/small.txt", pool)
+        assert resp.status == 502 and b"does not resolve" in body
+    finally:
+        await pool.close()
+
+
 async def test_methods_other_than_get_and_head_are_405(ftpd, pool):
     resp, _ = await get(f"{ftpd.url}/small.txt", pool, "PUT")
     assert resp.status == 405 and resp.header("Allow") == "GET, HEAD"
@@ -444,6 +460,18 @@ async def test_session_limit_makes_extra_requests_wait(make_server, tree):
         assert server.stats.max_live == 1
     finally:
         await pool.close()
+
+
+async def test_idle_session_of_another_user_makes_room_at_the_limit(make_server):
+    server = make_server()
+    pool = FtpPool({"max_sessions_per_server": 1, "timeout": 10.0})
+    try:
+        await get(f"{server.url}/small.txt", pool)  # leaves an idle anonymous session
+        resp, body = await get(f"{server.url}/private.txt", pool, headers=basic("alice", "s3cret"))
+        assert (resp.status, body) == (200, b"alice only\n")
+    finally:
+        await pool.close()
+    assert server.stats.logins == ["anonymous", "alice"]
 
 
 async def test_concurrent_requests_never_exceed_the_limit(make_server):

@@ -12,7 +12,7 @@ import asyncio
 import codecs
 import collections
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aioftp
@@ -65,8 +65,11 @@ class FtpSession:
 
     @property
     def alive(self) -> bool:
-        stream = self.client._stream
-        return stream is not None and not stream.writer.is_closing() and not stream.reader.at_eof()
+        try:
+            stream = self.client.stream
+        except ConnectionError:
+            return False
+        return not stream.writer.is_closing() and not stream.reader.at_eof()
 
     async def command(
         self, line: str | None, expected: str = "xxx", wait: str | tuple[str, ...] = ()
@@ -155,10 +158,20 @@ class _Server:
         return False
 
 
-class FtpPool:
-    """Construct from the `ftp` config section: `FtpPool(cfg.ftp)` (missing keys take defaults)."""
+Resolver = Callable[[str, int], Awaitable[str]]
 
-    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+
+class FtpPool:
+    """Construct from the `ftp` config section: `FtpPool(cfg.ftp)` (missing keys take defaults).
+
+    `resolve(host, port) -> address`, when given, replaces the event loop's getaddrinfo for control
+    connections (to share the proxy's DNS resolver and cache); it raises OSError when the name does
+    not resolve. Data connections go to the control connection's peer address, so are not resolved.
+    A request waiting for a session slot waits as long as it takes (downloads can be long);
+    cancelling the request's task is what ends the wait.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None, *, resolve: Resolver | None = None) -> None:
         config = dict(config or {})
         self.anonymous_user: str = config.get("anonymous_user", "anonymous")
         self.anonymous_password: str = config.get("anonymous_password", "webproxy@")
@@ -166,6 +179,7 @@ class FtpPool:
         self.max_sessions: int = max(1, int(config.get("max_sessions_per_server", 4)))
         timeout = float(config.get("timeout", 30.0))
         self.timeout: float | None = timeout or None  # 0 means "no timeout"
+        self._resolve = resolve
         self._servers: dict[tuple[str, int], _Server] = {}
         self._closed = False
         self.logins = 0  # sessions opened, for stats and tests
@@ -174,10 +188,11 @@ class FtpPool:
         """A logged-in session, reused when one is idle. Raises what connecting or logging in
         raised: OSError, TimeoutError, aioftp.StatusCodeError (login refused), PoolClosed."""
         key = (host, port, user, password)
-        server = self._servers.setdefault((host, port), _Server())
         while True:
             if self._closed:
                 raise PoolClosed("the FTP pool is closed")
+            # Looked up afresh after every wait: an unused record may have been dropped meanwhile.
+            server = self._servers.setdefault((host, port), _Server())
             idle = server.idle.get(key)
             while idle:
                 session = idle.pop()  # the most recently used: least likely to have timed out
@@ -199,6 +214,7 @@ class FtpPool:
                 except BaseException:
                     server.live -= 1
                     server.wake_one()
+                    self._forget_if_unused(host, port)
                     raise
             victim = server.oldest_idle()
             if victim is not None:  # at the cap, but an idle session of another user can make room
@@ -223,7 +239,8 @@ class FtpPool:
         )
         session = FtpSession(client, key, self.timeout)
         try:
-            await client.connect(host, port)
+            address = await self._resolve(host, port) if self._resolve else host
+            await client.connect(address, port)
             await client.login(user, password)
             self.logins += 1
             with contextlib.suppress(aioftp.StatusCodeError):
@@ -246,6 +263,7 @@ class FtpPool:
             session.close()
             server.live -= 1
         server.wake_one()
+        self._forget_if_unused(*session.key[:2])
 
     def _expire(self, session: FtpSession) -> None:
         session._expiry = None
@@ -254,6 +272,13 @@ class FtpPool:
             server.live -= 1
             session.close()
             server.wake_one()
+            self._forget_if_unused(*session.key[:2])
+
+    def _forget_if_unused(self, host: str, port: int) -> None:
+        """Drop a server's record once nothing refers to it, so many hosts do not pile up."""
+        server = self._servers.get((host, port))
+        if server is not None and server.live == 0 and not server.waiters:
+            del self._servers[(host, port)]
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per "host:port": live sessions, idle ones, requests waiting for a slot."""
