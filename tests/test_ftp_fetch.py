@@ -210,6 +210,22 @@ async def test_large_download_streams_in_bounded_chunks(ftpd, tree, pool):
     assert peak < 2 * 1024 * 1024, f"peak traced memory {peak} bytes"
 
 
+async def test_stalled_reader_does_not_make_the_proxy_buffer_the_file(ftpd, tree, pool):
+    resp = await fetch(f"{ftpd.url}/large.bin", "GET", [], pool)
+    body = resp.body()
+    tracemalloc.start()
+    try:
+        first = await body.__anext__()
+        await asyncio.sleep(0.3)  # the client stops reading; the server keeps trying to send
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rest = b"".join([c async for c in body])
+    await resp.aclose()
+    assert first + rest == (tree["root"] / "large.bin").read_bytes()
+    assert peak < 2 * 1024 * 1024, f"peak traced memory {peak} bytes while stalled"
+
+
 async def test_head_has_the_get_headers_and_sends_no_retr(ftpd, pool):
     before = ftpd.stats.retr
     head, body = await get(f"{ftpd.url}/medium.bin", pool, "HEAD")
@@ -472,6 +488,27 @@ async def test_idle_session_of_another_user_makes_room_at_the_limit(make_server)
     finally:
         await pool.close()
     assert server.stats.logins == ["anonymous", "alice"]
+
+
+async def test_request_cancelled_while_queued_leaves_the_pool_usable(make_server):
+    server = make_server()
+    pool = FtpPool({"max_sessions_per_server": 1, "timeout": 10.0})
+    key = f"127.0.0.1:{server.port}"
+    try:
+        first = await fetch(f"{server.url}/small.txt", "GET", [], pool)
+        queued = asyncio.create_task(fetch(f"{server.url}/small.txt", "GET", [], pool))
+        await until(lambda: pool.stats()[key]["waiting"] == 1, "request queued")
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert pool.stats()[key]["waiting"] == 0
+        assert b"".join([c async for c in first.body()]) == b"hello, world\n"
+        await first.aclose()
+        resp, body = await get(f"{server.url}/small.txt", pool)
+        assert (resp.status, body) == (200, b"hello, world\n")
+    finally:
+        await pool.close()
+    assert server.stats.logins == ["anonymous"]
 
 
 async def test_concurrent_requests_never_exceed_the_limit(make_server):

@@ -227,9 +227,11 @@ class FtpPool:
             try:
                 await fut
             except BaseException:
-                # Cancelled after being woken: pass the wake-up on so the slot is not lost.
                 if fut.done() and not fut.cancelled():
-                    server.wake_one()
+                    server.wake_one()  # cancelled after being woken: pass the wake-up on
+                else:
+                    with contextlib.suppress(ValueError):
+                        server.waiters.remove(fut)
                 raise
 
     async def _login(self, key: Key) -> FtpSession:
