@@ -270,8 +270,11 @@ http {{
 
     # --- proxies ------------------------------------------------------------------------
 
-    def start_squid(self, origin: Origin, cache: bool) -> Peer:
-        """Squid with `cache deny all` (cache=False) or a memory + ufs disk cache (cache=True)."""
+    def start_squid(self, origin: Origin, cache: bool, extra_conf: str = "") -> Peer:
+        """Squid with `cache deny all` (cache=False) or a memory + ufs disk cache (cache=True).
+
+        `extra_conf` is appended to squid.conf (later directives override earlier ones).
+        """
         name = "squid-cache" if cache else "squid"
         d = self.dir / name
         d.mkdir(exist_ok=True)
@@ -292,7 +295,6 @@ visible_hostname squid-bench
 cache_effective_user {SQUID_USER}
 pid_filename {d}/squid.pid
 cache_log {d}/cache.log
-access_log none
 cache_store_log none
 coredump_dir {d}
 icp_port 0
@@ -307,6 +309,10 @@ http_access deny !Safe_ports
 http_access allow bench_clients
 http_access deny all
 {caching}
+{extra_conf}
+# Last on purpose: `access_log none` stops Squid from evaluating any access_log line after it,
+# so an access_log in extra_conf still takes effect.
+access_log none
 """)
         uid = pwd.getpwnam(SQUID_USER)
         for p in [d, *d.rglob("*")]:
