@@ -1,0 +1,545 @@
+"""Shared benchmark plumbing: peers on free loopback ports, wrk runs, check requests.
+
+Every peer (nginx origin, Squid, tinyproxy, webproxy) gets its own generated config inside one
+temporary directory owned by a `Bench`; leaving the `with Bench()` block (normally, on an
+exception, on Ctrl-C or SIGTERM) stops every process it started and removes the directory.
+Benchmarks are not tests: they print figures for a person to compare side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+# The checkout this script lives in; webproxy is imported from here, whatever the cwd.
+REPO_ROOT = BENCH_DIR.parent
+LUA_SCRIPT = BENCH_DIR / "proxy.lua"
+
+# Objects the origin serves, under each of /nocache/ (no-store), /private/ (private) and
+# /cache/ (max-age=3600).
+OBJECTS = {"1k": 1024, "64k": 64 << 10, "10m": 10 << 20}
+OBJECT_PATHS = {name: f"{name}.bin" for name in OBJECTS}
+
+SQUID_USER = "proxy"  # Debian's squid user; Squid started as root drops to it
+
+
+class PeerFailed(Exception):
+    """A peer did not start or did not answer as expected; the message says why."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def object_body(name: str) -> bytes:
+    """The exact bytes the origin serves for OBJECTS[name]: pseudo-random, so nothing compresses."""
+    return random.Random(f"webproxy-bench-{name}").randbytes(OBJECTS[name])
+
+
+def _die_with_parent() -> None:
+    # Best effort against leaks if the harness itself is SIGKILLed: the kernel then sends
+    # SIGKILL to the child.  (Cleared when a peer changes uid, e.g. Squid; the normal path
+    # is Bench.close().)
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclasses.dataclass
+class Peer:
+    """One started server process: its name, port, process and log file."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    dir: Path
+    stop_timeout: float = 5.0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM the peer's process group, then SIGKILL it if it lingers."""
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Children that outlived their leader (nginx workers, Squid helpers) share its group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@dataclasses.dataclass
+class Origin:
+    """The nginx origin: base URL parts and where its access log is."""
+
+    peer: Peer
+    access_log: Path
+
+    @property
+    def port(self) -> int:
+        return self.peer.port
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.authority}{path}"
+
+    def request_count(self) -> int:
+        """Requests nginx has logged so far (it logs unbuffered, one line per request)."""
+        try:
+            with self.access_log.open("rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
+
+def wait_port(peer: Peer, timeout: float = 15.0) -> None:
+    """Return once the peer accepts TCP connections; raise PeerFailed if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not peer.alive():
+            raise PeerFailed(f"{peer.name} exited with status {peer.proc.returncode}:\n{peer.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", peer.port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise PeerFailed(f"{peer.name} did not accept on port {peer.port} within {timeout:.0f}s:\n"
+                             f"{peer.log_tail()}")
+        time.sleep(0.05)
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise _Terminated(signum)
+
+
+class Bench:
+    """Owns a temp directory and every peer started in it; use as a context manager."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.keep = keep
+        self.dir = Path(tempfile.mkdtemp(prefix="webproxy-bench-"))
+        # Squid drops to an unprivileged user that must reach its own subdirectory.
+        self.dir.chmod(0o755)
+        self.peers: list[Peer] = []
+        self._old_handlers: dict[int, object] = {}
+
+    def __enter__(self) -> Bench:
+        # SIGTERM/SIGHUP unwind like Ctrl-C so the cleanup below runs.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, _raise_terminated)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        if exc[0] is _Terminated:
+            print("\nterminated; peers stopped", file=sys.stderr)
+            sys.exit(143)
+        return False
+
+    def close(self) -> None:
+        # Ctrl-C during cleanup must not leave processes behind.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for peer in reversed(self.peers):
+                with contextlib.suppress(Exception):
+                    peer.stop()
+            self.peers.clear()
+            if not self.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def stop(self, peer: Peer) -> None:
+        """Stop one peer early (so an idle proxy does not compete for CPU with the next one)."""
+        peer.stop()
+        if peer in self.peers:
+            self.peers.remove(peer)
+
+    def _spawn(self, name: str, argv: list[str], port: int, env: dict | None = None,
+               stop_timeout: float = 5.0, cwd: Path | None = None) -> Peer:
+        pdir = self.dir / name
+        pdir.mkdir(exist_ok=True)
+        log = pdir / "output.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent, env=env,
+                                    cwd=cwd or pdir)
+        peer = Peer(name, port, proc, log, pdir, stop_timeout)
+        self.peers.append(peer)
+        return peer
+
+    def _start(self, peer: Peer, timeout: float = 15.0) -> Peer:
+        try:
+            wait_port(peer, timeout)
+        except PeerFailed:
+            self.stop(peer)
+            raise
+        return peer
+
+    # --- origin -------------------------------------------------------------------------
+
+    def start_origin(self, workers: int = 1) -> Origin:
+        """nginx serving OBJECTS under /nocache/, /private/ and /cache/ (see module docstring)."""
+        d = self.dir / "nginx"
+        www = d / "www"
+        for loc in ("nocache", "private", "cache"):
+            (www / loc).mkdir(parents=True, exist_ok=True)
+        for name, fname in OBJECT_PATHS.items():
+            body = object_body(name)
+            for loc in ("nocache", "private", "cache"):
+                (www / loc / fname).write_bytes(body)
+        (d / "tmp").mkdir(exist_ok=True)
+        port = free_port()
+        conf = d / "nginx.conf"
+        conf.write_text(f"""
+user root root;
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    types {{ }}
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location /nocache/ {{ add_header Cache-Control "no-store" always; }}
+        location /private/ {{ add_header Cache-Control "private" always; }}
+        location /cache/   {{ add_header Cache-Control "max-age=3600" always; }}
+    }}
+}}
+""")
+        peer = self._spawn("nginx", ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)], port)
+        return Origin(self._start(peer), d / "access.log")
+
+    # --- proxies ------------------------------------------------------------------------
+
+    def start_squid(self, origin: Origin, cache: bool, extra_conf: str = "") -> Peer:
+        """Squid with `cache deny all` (cache=False) or a memory + ufs disk cache (cache=True).
+
+        `extra_conf` is appended to squid.conf (later directives override earlier ones).
+        """
+        name = "squid-cache" if cache else "squid"
+        d = self.dir / name
+        d.mkdir(exist_ok=True)
+        port = free_port()
+        if cache:
+            caching = f"""
+cache_mem 512 MB
+maximum_object_size 64 MB
+maximum_object_size_in_memory 16 MB
+cache_dir ufs {d}/cache 1024 16 256
+"""
+        else:
+            caching = "cache deny all\ncache_mem 0 MB\n"
+        conf = d / "squid.conf"
+        conf.write_text(f"""
+http_port 127.0.0.1:{port}
+visible_hostname squid-bench
+cache_effective_user {SQUID_USER}
+pid_filename {d}/squid.pid
+cache_log {d}/cache.log
+cache_store_log none
+coredump_dir {d}
+icp_port 0
+htcp_port 0
+pinger_enable off
+shutdown_lifetime 1 second
+# Only loopback origins are used: never ask an outside resolver.
+dns_nameservers 127.0.0.1
+acl bench_clients src 127.0.0.1/32
+acl Safe_ports port 80 {origin.port}
+http_access deny !Safe_ports
+http_access allow bench_clients
+http_access deny all
+{caching}
+{extra_conf}
+# Last on purpose: `access_log none` stops Squid from evaluating any access_log line after it,
+# so an access_log in extra_conf still takes effect.
+access_log none
+""")
+        uid = pwd.getpwnam(SQUID_USER)
+        for p in [d, *d.rglob("*")]:
+            os.chown(p, uid.pw_uid, uid.pw_gid)
+        # A per-run service name keeps our shared-memory segments and sockets apart from any
+        # other Squid on the machine.
+        service = f"bench{os.getpid()}{'c' if cache else 'p'}"
+        argv = ["squid", "-N", "-n", service, "-f", str(conf)]
+        if cache:
+            z = subprocess.run([*argv, "-z"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+            if z.returncode != 0:
+                raise PeerFailed(f"squid -z failed ({z.returncode}):\n{z.stdout.decode(errors='replace')[-2000:]}")
+        peer = self._spawn(name, argv, port, stop_timeout=5.0)
+        peer.log = d / "cache.log"  # Squid writes its diagnostics there, not to stdout
+        return self._start(peer, timeout=30.0)
+
+    def start_tinyproxy(self) -> Peer:
+        d = self.dir / "tinyproxy"
+        d.mkdir(exist_ok=True)
+        port = free_port()
+        conf = d / "tinyproxy.conf"
+        conf.write_text(f"""
+Port {port}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 512
+Allow 127.0.0.1
+LogLevel Error
+LogFile "{d}/tinyproxy.log"
+PidFile "{d}/tinyproxy.pid"
+DisableViaHeader Yes
+XTinyproxy No
+""")
+        peer = self._spawn("tinyproxy", ["tinyproxy", "-d", "-c", str(conf)], port)
+        return self._start(peer)
+
+    def start_webproxy(self, cache: bool, workers: int = 1, extra_toml: str = "") -> Peer:
+        """`python3 -m webproxy run -c FILE` from this checkout (PYTHONPATH=REPO_ROOT)."""
+        name = "webproxy-cache" if cache else "webproxy"
+        d = self.dir / name
+        d.mkdir(exist_ok=True)
+        port = free_port()
+        conf = d / "webproxy.toml"
+        conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = {workers}
+
+[log]
+access_log = ""
+level = "warning"
+
+[cache]
+enabled = {"true" if cache else "false"}
+directory = "{d}/cache"
+{extra_toml}
+""")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        peer = self._spawn(name, [sys.executable, "-m", "webproxy", "run", "-c", str(conf)], port, env=env)
+        return self._start(peer, timeout=20.0)
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+def fetch(port: int, target: str, host: str, timeout: float = 30.0) -> Reply:
+    """One GET of `target` (absolute URL through a proxy, or a path direct) sent to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+def check_object(port: int, target: str, host: str, name: str) -> Reply:
+    """Fetch and insist on 200 with exactly the origin's bytes for object `name`."""
+    try:
+        reply = fetch(port, target, host)
+    except OSError as e:
+        raise PeerFailed(f"check request {target} via port {port} failed: {e}") from None
+    want = object_body(name)
+    if reply.status != 200:
+        raise PeerFailed(f"check request {target} via port {port}: status {reply.status}, want 200; "
+                         f"body starts {reply.body[:200]!r}")
+    if reply.body != want:
+        raise PeerFailed(f"check request {target} via port {port}: body of {len(reply.body)} bytes "
+                         f"(sha256 {hashlib.sha256(reply.body).hexdigest()[:12]}) is not the origin's "
+                         f"{len(want)} bytes")
+    return reply
+
+
+# --- wrk ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WrkResult:
+    requests: int
+    bytes: int
+    duration_us: int
+    err_connect: int
+    err_read: int
+    err_write: int
+    err_status: int
+    err_timeout: int
+    lat_p50_us: int
+    lat_p99_us: int
+    lat_mean_us: float
+    lat_max_us: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / (self.duration_us / 1e6) if self.duration_us else 0.0
+
+    @property
+    def mbps(self) -> float:
+        """Received bytes (heads included) per second, in MB/s (10^6 bytes)."""
+        return self.bytes / self.duration_us if self.duration_us else 0.0
+
+    @property
+    def socket_errors(self) -> int:
+        return self.err_connect + self.err_read + self.err_write + self.err_timeout
+
+    @property
+    def closes_every_connection(self) -> bool:
+        """True when (nearly) every response was followed by the peer closing the connection.
+
+        A peer that closes after each response without `Connection: close` (tinyproxy 1.11) makes
+        wrk's next write/read on that connection fail; wrk counts a read error and reconnects.
+        The responses themselves were complete.
+        """
+        return self.requests > 0 and self.err_read >= 0.9 * self.requests and not self.err_status
+
+    def errors_text(self) -> str:
+        """'0' or e.g. 'status>=400:12 read:3'; '*' marks read errors that are only closes."""
+        parts = [f"{k}:{v}" for k, v in (("status>=400", self.err_status), ("connect", self.err_connect),
+                                          ("read", self.err_read), ("write", self.err_write),
+                                          ("timeout", self.err_timeout)) if v]
+        text = " ".join(parts) or "0"
+        return text + "*" if self.closes_every_connection else text
+
+
+def run_wrk(port: int, target: str, host: str, duration: float, connections: int = 50, threads: int = 2,
+            timeout: float = 10.0) -> WrkResult:
+    """Run wrk against 127.0.0.1:port sending `target` with Host `host`; parse proxy.lua's summary."""
+    threads = max(1, min(threads, connections))
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
+            "--timeout", f"{timeout:g}s", "-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}/", "--",
+            target, host]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration + timeout + 30)
+    text = out.stdout.decode(errors="replace")
+    for line in text.splitlines():
+        if line.startswith("WRKJSON "):
+            return WrkResult(**json.loads(line[8:]))
+    raise PeerFailed(f"wrk produced no summary (exit {out.returncode}):\n{text[-1500:]}")
+
+
+# --- printing -------------------------------------------------------------------------------
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "n/a"
+    if us >= 1e6:
+        return f"{us / 1e6:.2f}s"
+    if us >= 1e3:
+        return f"{us / 1e3:.2f}ms"
+    return f"{us:.0f}us"
+
+
+def fmt_num(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
+def machine_note() -> str:
+    load = os.getloadavg()
+    return (f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start "
+            f"(other work on the machine makes figures noisy: compare ratios within one run)")
+
+
+def progress(what: str) -> None:
+    """Say what is happening on stderr, so stdout holds only the results."""
+    sys.stdout.flush()
+    print(f"... {what}", file=sys.stderr, flush=True)
+
+
+def explain_failure(why: str) -> str:
+    """First and last line of a PeerFailed message (for a traceback: the exception line)."""
+    text = [line for line in why.strip().splitlines() if line.strip()]
+    if len(text) <= 2:
+        return " / ".join(t.strip() for t in text)
+    return f"{text[0].rstrip(':')}: {text[-1].strip()} (--keep keeps the full log)"
+
+
+CLOSE_NOTE = ("* read errors equal to the request count: the proxy closed the client connection after "
+              "every response\n  (no keep-alive), so wrk reconnected; each counted response was complete.")
+
+
+def write_json(path: str | None, data: object) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, default=lambda o: dataclasses.asdict(o)))
+    print(f"results written to {path}", file=sys.stderr)
