@@ -5,7 +5,6 @@ h11 (an independent, strict HTTP parser)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import select
@@ -207,7 +206,7 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"webproxy exited {self.proc.returncode}: {self.stderr()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            if "listening on" in self.stderr():
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"webproxy did not start: {self.stderr()}")

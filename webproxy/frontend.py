@@ -144,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.closing = False  # graceful shutdown: answer what is in flight, then close
         self.busy = False
+        self.denied = False
         self.served = 0
         self._admitted = False
         self._paused: set[str] = set()
@@ -173,6 +174,7 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             return
         self._admitted = True
+        self.denied = self.server.denied(self)  # decided once per connection, answered per request
         transport.set_write_buffer_limits(high=WRITE_HIGH)
         self._task = self.loop.create_task(self._serve())
         self._arm_idle()
@@ -479,7 +481,7 @@ class ResponseWriter:
     """Frames one response to the client: Content-Length when known, chunked for HTTP/1.1 when not,
     close-delimited for HTTP/1.0; counts bytes for the access log."""
 
-    __slots__ = ("conn", "req", "chunked", "keep_alive", "nbytes", "no_body", "remaining")
+    __slots__ = ("conn", "req", "chunked", "keep_alive", "nbytes", "no_body", "remaining", "_head")
 
     def __init__(self, conn: ClientConnection, req: Request) -> None:
         self.conn = conn
@@ -489,6 +491,7 @@ class ResponseWriter:
         self.no_body = False
         self.nbytes = 0
         self.remaining: int | None = None
+        self._head = b""  # held back to go out in one write with the first body bytes
 
     def start(self, status: int, reason: str, headers: Headers, length: int | None, has_body: bool = True) -> None:
         """Write the head. `headers` must be end-to-end only; `length` None means unknown."""
@@ -515,26 +518,35 @@ class ResponseWriter:
                 headers.append(("Connection", "close"))
         elif not keep:
             headers.append(("Connection", "close"))
-        head = serialize_head(status, reason or reason_phrase(status), headers)
+        self._head = serialize_head(status, reason or reason_phrase(status), headers)
         conn.response_started = True
-        conn.write(head)
-        self.nbytes += len(head)
+        self.nbytes += len(self._head)
 
-    async def send(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Queue body bytes without waiting for the client to drain them (small bodies)."""
         if self.no_body or not data:
             return
-        if self.chunked:
-            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.conn.write(data)
         self.nbytes += len(data)
+        if self.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            data, self._head = self._head + data, b""
+        self.conn.write(data)
+
+    async def send(self, data: bytes) -> None:
+        """Body bytes, with backpressure from the client."""
+        if self.no_body or not data:
+            return
+        self.write(data)
         await self.conn.drain()
 
     def end(self) -> bool:
         """Finish the body; returns whether the connection may be kept alive."""
-        if self.chunked:
-            self.conn.write(b"0\r\n\r\n")
-            self.nbytes += 5
+        tail = b"0\r\n\r\n" if self.chunked else b""
+        self.nbytes += len(tail)
+        if self._head or tail:
+            data, self._head = self._head + tail, b""
+            self.conn.write(data)
         return self.keep_alive
 
     def simple(self, status: int, message: str, extra: Headers | None = None, close: bool = False) -> bool:

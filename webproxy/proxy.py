@@ -80,7 +80,7 @@ class Proxy:
         return keep
 
     async def _dispatch(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
-        if conn.server.denied(conn):
+        if conn.denied:
             ex.code = "TCP_DENIED"
             return self._error(rw, ex, 403, f"access denied: your address {conn.client_ip} may not use this proxy", close=True)
         if req.method == "CONNECT":
@@ -261,8 +261,7 @@ class Proxy:
         body = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         ex.ctype = "message/http"
         rw.start(200, "OK", [("Content-Type", "message/http")], len(body))
-        rw.conn.write(body)
-        rw.nbytes += len(body)
+        rw.write(body)
         return rw.end()
 
     # ---- requests for the proxy itself ----------------------------------------------------------
@@ -280,9 +279,7 @@ class Proxy:
             ex.ctype = "text/html"
             body = self.status_page().encode()
             rw.start(200, "OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], len(body))
-            if req.method != "HEAD":
-                conn.write(body)
-                rw.nbytes += len(body)
+            rw.write(body)
             return rw.end()
         return self._error(rw, ex, 400, f"this is a proxy server, not a web server: {req.target[:200]!r} "
                            f"(Host: {host or 'none'}) is not an absolute URL. Configure your client to use "

@@ -6,6 +6,7 @@ the tunnel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -112,21 +113,17 @@ class ProxyServer:
         return await handle_transparent_http(self, conn, req, rw, ex, host)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    async def start(self) -> None:
-        for host, port in self.cfg.server["listen"]:
-            try:
-                srv = await self.loop.create_server(
-                    lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024,
-                    reuse_port=self.cfg.server["workers"] > 1,
-                )
-            except OSError as e:
-                raise StartupError(_listen_error(host, port, e)) from None
+    async def start(self, sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            srv = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
             self.servers.append(srv)
-            for sock in srv.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                addr = sock.getsockname()
-                self.listen_addrs.append((addr[0], addr[1]))
+            addr = sock.getsockname()
+            self.listen_addrs.append((addr[0], addr[1]))
         self._schedule_flush()
+
+    def reload_access(self) -> None:
+        for conn in self.connections:
+            conn.denied = self.denied(conn)
 
     def _schedule_flush(self) -> None:
         self.accesslog.flush()
@@ -185,6 +182,7 @@ class ProxyServer:
         self.accesslog.reopen(new.log["access_log"])  # always: after logrotate renamed the file too
         self.cfg = new
         self.upstream.cfg = new.upstream
+        self.reload_access()
         applied = [k for k in changed if k not in needs_restart]
         self.log_error(f"reloaded {new.path}: {len(applied)} change(s) applied"
                        + (f" ({', '.join(applied)})" if applied else ""))
@@ -218,10 +216,38 @@ def check_cache_dir(cfg: config_mod.Config) -> None:
                            "cache.directory to a writable path") from None
 
 
-async def run_server(cfg: config_mod.Config, ready: Any = None) -> None:
+def bind_listeners(addrs: list[tuple[str, int]], reuse_port: bool) -> list[socket.socket]:
+    """Bind every listen address up front, so a port in use is one clear error before anything starts."""
+    socks = []
+    try:
+        for host, port in addrs:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                family, _, _, _, sockaddr = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind(sockaddr)
+                sock.listen(1024)
+                sock.setblocking(False)
+            except OSError as e:
+                raise StartupError(_listen_error(host, port, e)) from None
+    except StartupError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> None:
     server = ProxyServer(cfg)
     try:
-        await server.start()
+        await server.start(sockets)
         from webproxy.composition import attach_layers
 
         await attach_layers(server)
@@ -238,12 +264,7 @@ async def run_server(cfg: config_mod.Config, ready: Any = None) -> None:
     server.log_error("stopped")
 
 
-def run(cfg: config_mod.Config) -> int:
-    try:
-        check_cache_dir(cfg)
-    except StartupError as e:
-        print(f"webproxy: {e}", file=sys.stderr)
-        return 2
+def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket]) -> int:
     try:
         import uvloop
 
@@ -251,8 +272,59 @@ def run(cfg: config_mod.Config) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(run_server(cfg))
+        runner(run_server(cfg, sockets))
     except StartupError as e:
         print(f"webproxy: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run(cfg: config_mod.Config) -> int:
+    workers = max(1, cfg.server["workers"])
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs the reload handler
+    try:
+        check_cache_dir(cfg)
+        # One socket per worker and address, all bound with SO_REUSEPORT: the kernel spreads
+        # new connections across the workers instead of waking all of them.
+        per_worker = [bind_listeners(cfg.server["listen"], workers > 1) for _ in range(workers)]
+    except StartupError as e:
+        print(f"webproxy: {e}", file=sys.stderr)
+        return 2
+    if workers == 1:
+        return _serve_process(cfg, per_worker[0])
+    children = []
+    for i in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            for j, socks in enumerate(per_worker):
+                if j != i:
+                    for sock in socks:
+                        sock.close()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _serve_process(cfg, per_worker[i])
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for socks in per_worker:
+        for sock in socks:
+            sock.close()
+
+    def forward(sig: int, _frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = 0
+    for child in children:
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        code = max(code, os.waitstatus_to_exitcode(status))
+    return code
