@@ -10,4 +10,6 @@ if TYPE_CHECKING:
 
 
 async def attach_layers(server: ProxyServer) -> None:
-    return None
+    from webproxy.ftpgate import FtpGate
+
+    server.ftp_layer = FtpGate(server)

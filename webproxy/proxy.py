@@ -9,8 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from webproxy import __version__
 from webproxy.acl import domain_denied
 from webproxy.frontend import ClientConnection, ClientGone, Reject, Request, ResponseWriter
@@ -23,6 +21,7 @@ from webproxy.httpmsg import (
     parse_absolute,
     strip_hop_by_hop,
 )
+from webproxy.origin import HttpOriginResponse, OriginError, OriginResponse
 from webproxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -161,7 +160,7 @@ class Proxy:
         return await self.forward(req, rw, ex, target, headers)
 
     async def fetch(self, req: Request, ex: Exchange, target: Target, headers: Headers,
-                    method: str | None = None) -> aiohttp.ClientResponse:
+                    method: str | None = None) -> HttpOriginResponse:
         """Send the request upstream (streaming the client's body) and return the response head."""
         body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
         upstream = self.server.upstream
@@ -171,72 +170,54 @@ class Proxy:
                                           f"{target.host}:{target.port}")
         finally:
             upstream.active -= 1
-        ex.hierarchy = f"HIER_DIRECT/{_peer_ip(resp) or target.host}"
-        return resp
+        oresp = HttpOriginResponse(resp)
+        ex.hierarchy = f"HIER_DIRECT/{oresp.peer or target.host}"
+        return oresp
 
-    def response_headers(self, resp: aiohttp.ClientResponse) -> Headers:
-        """The origin's end-to-end response headers plus our Via; framing headers are re-made."""
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
-        headers = [(k, v) for k, v in strip_hop_by_hop(raw) if k.lower() != "content-length"]
-        headers.append(("Via", f"{resp.version.major}.{resp.version.minor} {self.cfg.server['name']} (webproxy/{__version__})"))
-        return headers
-
-    @staticmethod
-    def response_length(resp: aiohttp.ClientResponse) -> int | None:
-        if "Transfer-Encoding" in resp.headers:
-            return None
-        cl = resp.headers.get("Content-Length")
-        if cl is not None and cl.strip().isdigit():
-            return int(cl)
-        return None
+    def via(self, version: str) -> tuple[str, str]:
+        return ("Via", f"{version} {self.cfg.server['name']} (webproxy/{__version__})")
 
     async def forward(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target, headers: Headers) -> bool:
         """Plain pass-through: fetch and stream back, nothing stored."""
+        ex.code = "TCP_MISS"
         try:
             resp = await self.fetch(req, ex, target, headers)
         except UpstreamError as e:
-            ex.code = "TCP_MISS"
             return self._upstream_error(req, rw, ex, e)
-        ex.code = "TCP_MISS"
         return await self.relay_response(req, rw, ex, resp)
 
-    async def relay_response(self, req: Request, rw: ResponseWriter, ex: Exchange, resp: aiohttp.ClientResponse,
+    async def relay_response(self, req: Request, rw: ResponseWriter, ex: Exchange, resp: OriginResponse,
                              sink: Any = None, extra: Headers | None = None) -> bool:
-        """Stream an origin response to the client (and to `sink`, a cache fill, when given)."""
+        """Stream an origin response to the client (and to `sink`, a cache fill, when given).
+        `sink` gets write(chunk) for every chunk, then commit() after a complete body or abort()."""
         ex.status = resp.status
-        ex.ctype = resp.headers.get("Content-Type")
-        headers = self.response_headers(resp)
-        if extra:
-            headers.extend(extra)
-        length = self.response_length(resp)
+        ex.ctype = resp.header("content-type")
+        headers = [*resp.headers, self.via(resp.version), *(extra or [])]
+        clean = False
         try:
-            rw.start(resp.status, resp.reason or "", headers, length)
+            rw.start(resp.status, resp.reason, headers, resp.length)
             if not rw.no_body:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.chunks():
                     if sink is not None:
                         sink.write(chunk)
                     await rw.send(chunk)
-                if length is not None and rw.remaining is not None and resp.content.total_bytes < length:
-                    raise aiohttp.ClientPayloadError("origin closed before the end of the body")
+            clean = True
             if sink is not None:
                 sink.commit()
                 sink = None
-            resp.release()
             return rw.end()
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except OriginError as e:
             # The head is out: the only honest signal left is to cut the connection, so the client
             # sees a truncated body instead of a complete-looking wrong one.
-            self.server.log_error(f"upstream failed mid-body for {req.target[:200]}: {e!r}")
-            ex.code = ex.code + "_ABORTED" if not ex.code.endswith("_ABORTED") else ex.code
-            resp.close()
+            self.server.log_error(f"origin failed mid-body for {req.target[:200]}: {e}")
+            if not ex.code.endswith("_ABORTED"):
+                ex.code += "_ABORTED"
             rw.conn.abort()
             return False
-        except BaseException:
-            resp.close()
-            raise
         finally:
             if sink is not None:
                 sink.abort()
+            await resp.close(clean)
 
     def _upstream_error(self, req: Request, rw: ResponseWriter, ex: Exchange, e: UpstreamError) -> bool:
         if req.body is not None and isinstance(req.body.error, Reject):
@@ -252,7 +233,7 @@ class Proxy:
         ex.status = 200
         if req.method == "OPTIONS":
             rw.start(200, "OK", [("Allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"),
-                                 ("Via", f"{req.version} {self.cfg.server['name']}")], 0)
+                                 self.via(req.version)], 0)
             return rw.end()
         # Echo what we received, minus credentials (RFC 9110 9.3.8 says TRACE must not leak them).
         secret = {"authorization", "proxy-authorization", "cookie"}
@@ -298,11 +279,3 @@ class Proxy:
         return (f"<!doctype html><html><head><title>webproxy</title></head><body><h1>webproxy</h1>"
                 f"<p>This is an HTTP proxy. Point your client at it; it does not serve pages itself.</p>"
                 f"<table>{cells}</table></body></html>\n")
-
-
-def _peer_ip(resp: aiohttp.ClientResponse) -> str | None:
-    conn = resp.connection
-    if conn is None or conn.transport is None:
-        return None
-    peer = conn.transport.get_extra_info("peername")
-    return peer[0] if peer else None
