@@ -94,7 +94,7 @@ def test_head_response_has_headers_and_no_body(proxy, origin):
     c = RawClient(proxy.port)
     c.send(f"HEAD {origin.url('/stream/1000?length=1')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     resp, body = c.response(b"HEAD")
-    assert resp.status_code == 200
+    assert resp.status_code == 200, proxy.stderr()
     assert header(resp, "content-length") == "1000"
     assert body == b""
     # the connection is still in step: a second request on it works

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -216,6 +218,23 @@ class ClientConnection(asyncio.Protocol):
             self._paused.discard(reason)
             if not self._paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+
+    async def detach(self) -> socket.socket:
+        """Hand the raw client socket over (CONNECT): flush what we wrote, duplicate the file
+        descriptor, drop the transport. The admission slot stays taken until `server.release`."""
+        t = self.transport
+        assert t is not None
+        while t.get_write_buffer_size() and not self.closed:
+            await asyncio.sleep(0.001)
+        if self.closed:
+            raise ClientGone("client closed the connection")
+        fd = os.dup(t.get_extra_info("socket").fileno())
+        self._admitted = False  # connection_lost must not release: the tunnel holds the slot now
+        t.abort()
+        self.closed = True
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -67,11 +67,17 @@ class Target:
     authority: str  # host[:port] as the client wrote it (minus userinfo), for the Host header
     path: str  # origin-form: path + query exactly as received, "/" when empty
     userinfo: str = ""
+    connect: str | None = None  # "ip:port" to dial instead of the authority (transparent mode)
 
     @property
     def origin_url(self) -> str:
-        """The URL to fetch, rebuilt from its parts, path bytes untouched."""
+        """The URL as named (the cache key's source), path bytes untouched."""
         return f"{self.scheme}://{self.authority}{self.path}"
+
+    @property
+    def fetch_url(self) -> str:
+        """The URL to connect to: the authority, or the original destination when intercepted."""
+        return f"{self.scheme}://{self.connect or self.authority}{self.path}"
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}

@@ -142,7 +142,8 @@ class Proxy:
             headers.append(("X-Forwarded-For", f"{prior}, {conn.client_ip}" if prior else conn.client_ip))
         return headers
 
-    async def http(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool:
+    async def http(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target,
+                   cacheable: bool = True) -> bool:
         if self.server.is_self(target.host, target.port):
             req.target = target.path  # http://proxy:3128/ names this proxy: answer it, do not loop
             return await self.origin_form(conn, req, rw, ex)
@@ -153,8 +154,11 @@ class Proxy:
         if headers is None:
             return self.answer_max_forwards(req, rw, ex)
         cache = self.server.cache_layer
-        if cache is not None:
-            handled = await cache.handle(conn, req, rw, ex, target, headers)
+        if cache is not None and cacheable:
+            async def opener(method: str, hdrs: Headers) -> OriginResponse:
+                return await self.fetch(req, ex, target, hdrs, method)
+
+            handled = await cache.handle(conn, req, rw, ex, target, headers, opener)
             if handled is not None:
                 return handled
         return await self.forward(req, rw, ex, target, headers)
@@ -166,7 +170,7 @@ class Proxy:
         upstream = self.server.upstream
         upstream.active += 1
         try:
-            resp = await upstream.request(method or req.method, target.origin_url, headers, body,
+            resp = await upstream.request(method or req.method, target.fetch_url, headers, body,
                                           f"{target.host}:{target.port}")
         finally:
             upstream.active -= 1

@@ -36,6 +36,8 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.accesslog = AccessLog(cfg.log["access_log"])
         self.upstream = Upstream(cfg.upstream)
+        # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
+        self.resolve = self.upstream.resolver.resolve
         self.proxy = Proxy(self)
         self.handler = self.proxy.handle
         self.cache_layer: Any = None
