@@ -1,0 +1,622 @@
+"""The disk store: diskcache underneath, used as it is meant to be used.
+
+Layout (one diskcache.Cache in the cache directory, several processes may share it):
+- a row per stored response, key = the cache key (cache.key.cache_key), or, when the response
+  has Vary, cache key + "\\x01" + the secondary key; the row's value column holds the stored head
+  (pickled) and its `filename` the body file, through a diskcache.Disk subclass. Bodies under
+  INLINE_MAX live in the row itself (head and body pickled together): one SQLite read, no file.
+- for a URL whose response has Vary, a small index row at the bare cache key lists the Vary field
+  names, so a lookup is: index row -> variant row (both usually served from memory).
+- counters ("#stats:*") and the purge generation ("#generation") are rows without a tag.
+- GET and HEAD share the rows (the key has no method).
+
+Eviction is diskcache's own culling with a policy (cache.eviction) ordering rows by the GDSF
+score kept in the indexed `tag` column: each commit culls at most `cull_limit` rows when over
+capacity; `maintain()` (for an executor) culls until under capacity. Popularity (hits, last
+use) is counted in memory and written in one transaction at most once a second.
+
+A body is written to DIR/tmp/<pid>-<start>-<random>.part while it streams; commit renames it
+into diskcache's file layout and inserts the row in one transaction, so a reader sees the whole
+entry or nothing. A process killed at any point leaves at most a .part file (removed at the next
+open once its process is gone) or, in the instant between rename and insert, an unreferenced
+file that is never served.
+
+The private diskcache hooks used: `Cache._sql` for reads and in-place updates that diskcache has
+no public call for (key ranges, updating the head after a 304, batched hit counts).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import diskcache
+from diskcache.core import UNKNOWN
+
+from cache import eviction, vary
+from cache.collapse import Flights
+from cache.freshness import stale_at
+from cache.key import BadURL, split_url
+from cache.model import Headers, Policy, StoredResponse
+from cache.storable import expected_length
+
+MODE_INLINE = 11  # value = pickle((head, body))
+MODE_FILE = 12  # value = pickle(head), filename = body
+MODE_INDEX = 13  # value = pickle(vary field names)
+_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE}, {MODE_INDEX})"
+_ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
+SEP = "\x01"  # between a cache key and a secondary key; cannot occur in a request target
+GEN_KEY = "#generation"
+STAT_PREFIX = "#stats:"
+STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved")
+INLINE_MAX = 32 * 1024  # diskcache's own threshold for keeping values in SQLite
+FLUSH_INTERVAL = 1.0
+GEN_CHECK_INTERVAL = 1.0
+_MEM_OVERHEAD = 512  # rough per-entry cost of a memory-tier record beyond its body
+
+
+def _dump_head(s: StoredResponse) -> tuple:
+    return (s.status, s.reason, s.headers, s.request_time, s.response_time, s.vary, s.body_size)
+
+
+def _load_head(t: tuple) -> StoredResponse:
+    status, reason, headers, request_time, response_time, vary_pairs, body_size = t
+    return StoredResponse(status, reason, headers, request_time, response_time, tuple(vary_pairs), body_size)
+
+
+@dataclass
+class _Row:
+    mode: int
+    blob: bytes
+    filename: str | None
+    size: int
+
+
+@dataclass(frozen=True)
+class _VaryIndex:
+    names: tuple[str, ...]
+
+
+class EntryDisk(diskcache.Disk):
+    """diskcache's Disk taught our row kinds: a body already written to its file is adopted
+    without a copy; fetch returns the head and the body (or the body's file name) unopened."""
+
+    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple:
+        if isinstance(value, _Row):
+            return value.size, value.mode, value.filename, sqlite3.Binary(value.blob)
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == MODE_FILE:
+            return (pickle.loads(value), None, filename)
+        if mode == MODE_INLINE:
+            head, body = pickle.loads(value)
+            return (head, body, None)
+        if mode == MODE_INDEX:
+            return _VaryIndex(tuple(pickle.loads(value)))
+        return super().fetch(mode, filename, value, read)
+
+
+@dataclass
+class Hit:
+    """A stored response found for a request. Send `body` when it is not None, else the file at
+    `path` from `offset` for `stored.body_size` bytes (sendfile). `in_memory`: served from the
+    memory tier (TCP_MEM_HIT)."""
+
+    key: str
+    stored: StoredResponse
+    body: bytes | None
+    path: str | None
+    offset: int = 0
+    in_memory: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.stored.body_size or 0
+
+    def open(self):
+        """The body file opened for reading, or None when it is gone (culled or purged by another
+        process since the lookup): then treat the request as a miss."""
+        if self.path is None:
+            return None
+        try:
+            return open(self.path, "rb")
+        except FileNotFoundError:
+            return None
+
+
+class MemoryTier:
+    """Small hot objects (and Vary index rows) in an LRU dict bounded in bytes."""
+
+    def __init__(self, capacity: int, max_object: int) -> None:
+        self.capacity = capacity
+        self.max_object = max_object
+        self.bytes = 0
+        self._d: OrderedDict[str, tuple[tuple, int]] = OrderedDict()
+
+    def get(self, key: str) -> tuple | None:
+        v = self._d.get(key)
+        if v is None:
+            return None
+        self._d.move_to_end(key)
+        return v[0]
+
+    def put(self, key: str, record: tuple, size: int) -> None:
+        self.pop(key)
+        if size > self.max_object or size + _MEM_OVERHEAD > self.capacity:
+            return
+        size += _MEM_OVERHEAD
+        self._d[key] = (record, size)
+        self.bytes += size
+        while self.bytes > self.capacity:
+            _, (_, s) = self._d.popitem(last=False)
+            self.bytes -= s
+
+    def pop(self, key: str) -> None:
+        v = self._d.pop(key, None)
+        if v is not None:
+            self.bytes -= v[1]
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def _process_tag(pid: int) -> str | None:
+    """pid-starttime of a running process (so a reused pid is not mistaken for the old one)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f"{pid}-{int(f.read().rsplit(b')', 1)[1].split()[19])}"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return f"{pid}-0"
+
+
+class Fill:
+    """A response body being stored while it is served. write() many times, then commit() when
+    the upstream body ended normally, or abort(). Nothing is visible before commit; commit
+    publishes only a body whose length matches Content-Length (when given). Usable as a context
+    manager: leaving the block without commit aborts."""
+
+    def __init__(self, store: Store, url_key: str, stored: StoredResponse) -> None:
+        self.store = store
+        self.url_key = url_key
+        self.stored = stored
+        self.expected = expected_length(stored.headers)
+        self.received = 0
+        self.state = "open"
+        self._buf = bytearray()
+        self._file = None
+        self._tmp: str | None = None
+        if self.expected is not None and self.expected > store.max_object_size:
+            self.abort()
+
+    @property
+    def active(self) -> bool:
+        return self.state == "open"
+
+    def write(self, chunk: bytes) -> None:
+        if self.state != "open":
+            return
+        self.received += len(chunk)
+        if self.received > self.store.max_object_size or (self.expected is not None and self.received > self.expected):
+            self.abort()
+            return
+        if self._file is not None:
+            self._file.write(chunk)
+            return
+        self._buf += chunk
+        if len(self._buf) >= INLINE_MAX:
+            self._tmp = self.store._tmp_path()
+            self._file = open(self._tmp, "wb")
+            self._file.write(self._buf)
+            self._buf = bytearray()
+
+    def commit(self) -> bool:
+        """Publish the entry; False (and nothing stored) when the body is incomplete or the store
+        refused it."""
+        if self.state != "open":
+            return False
+        ok = False
+        try:
+            if self.expected is None or self.received == self.expected:
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+                stored = self.stored.with_(body_size=self.received)
+                body = bytes(self._buf) if self._tmp is None else None
+                ok = self.store._publish(self.url_key, stored, body, self._tmp)
+        finally:
+            self.state = "committed" if ok else "aborted"
+            if not ok:
+                self._discard()
+            self.store.flights.finish(self.url_key, ok)
+        return ok
+
+    def abort(self) -> None:
+        if self.state != "open":
+            return
+        self.state = "aborted"
+        self._discard()
+        self.store.flights.finish(self.url_key, False)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+        self._buf = bytearray()
+
+    def __enter__(self) -> Fill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
+class Store:
+    def __init__(
+        self,
+        directory: str,
+        capacity: int | None = None,
+        max_object_size: int = 256 << 20,
+        memory_capacity: int = 64 << 20,
+        memory_object_size: int = 64 << 10,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 2.0,
+    ) -> None:
+        self.directory = directory
+        self.max_object_size = max_object_size
+        self.policy = policy or Policy()
+        self.clock = clock
+        settings: dict[str, Any] = {
+            "eviction_policy": eviction.POLICY_NAME,
+            "statistics": False,
+            "cull_limit": 10,
+            "disk_min_file_size": INLINE_MAX,
+        }
+        if capacity is not None:
+            settings["size_limit"] = capacity
+        self._cache = diskcache.Cache(directory, timeout=timeout, disk=EntryDisk, **settings)
+        self._sql = self._cache._sql
+        self.memory = MemoryTier(memory_capacity, memory_object_size)
+        self.flights = Flights()
+        self._tmp_dir = os.path.join(directory, "tmp")
+        os.makedirs(self._tmp_dir, exist_ok=True)
+        self._tag_pid = -1
+        self._tag = ""
+        self._uses: dict[str, list[int]] = {}
+        self._counts = dict.fromkeys(STAT_NAMES, 0)
+        self._flushed = time.monotonic()
+        self._gen = self._cache.get(GEN_KEY, 0)
+        self._gen_checked = time.monotonic()
+        self.clean_orphans()
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._cache.size_limit
+
+    def clean_orphans(self) -> int:
+        """Remove .part files left by processes that no longer run (killed mid-fill)."""
+        removed = 0
+        for name in os.listdir(self._tmp_dir):
+            pid_s, _, rest = name.partition("-")
+            start = rest.partition("-")[0]
+            alive = pid_s.isdigit() and _process_tag(int(pid_s)) in (f"{pid_s}-{start}", f"{pid_s}-0")
+            if not alive:
+                try:
+                    os.unlink(os.path.join(self._tmp_dir, name))
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def _tmp_path(self) -> str:
+        pid = os.getpid()
+        if pid != self._tag_pid:  # also right after a fork
+            self._tag_pid, self._tag = pid, _process_tag(pid) or f"{pid}-0"
+        return os.path.join(self._tmp_dir, f"{self._tag}-{secrets.token_hex(8)}.part")
+
+    def close(self) -> None:
+        self.flush()
+        self._cache.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _check_generation(self, mono: float) -> None:
+        self._gen_checked = mono
+        gen = self._cache.get(GEN_KEY, 0)
+        if gen != self._gen:
+            self._gen = gen
+            self.memory.clear()
+
+    def _get(self, key: str) -> tuple[tuple, bool] | None:
+        """(record, from_memory); record is ("index", names) or ("entry", head, body, path)."""
+        rec = self.memory.get(key)
+        if rec is not None:
+            return rec, True
+        try:
+            value = self._cache.get(key)
+        except diskcache.Timeout:
+            return None
+        if value is None:
+            return None
+        if isinstance(value, _VaryIndex):
+            rec = ("index", value.names)
+            self.memory.put(key, rec, 64)
+            return rec, False
+        if not isinstance(value, tuple):
+            return None
+        head, body, filename = value
+        stored = _load_head(head)
+        path = None if filename is None else os.path.join(self.directory, filename)
+        if body is None and path is not None and (stored.body_size or 0) <= self.memory.max_object:
+            try:
+                with open(path, "rb") as f:
+                    body = f.read()
+            except FileNotFoundError:
+                return None
+            if len(body) != stored.body_size:
+                return None
+        rec = ("entry", stored, body, path)
+        if body is not None:
+            self.memory.put(key, rec, len(body))
+        return rec, False
+
+    def lookup(self, url_key: str, request_headers: Headers) -> Hit | None:
+        """The stored response for `url_key` whose Vary matches `request_headers`, or None.
+        Counts as a use of the entry (popularity), whatever is then decided about it."""
+        mono = time.monotonic()
+        if mono - self._gen_checked >= GEN_CHECK_INTERVAL:
+            self._check_generation(mono)
+        if mono - self._flushed >= FLUSH_INTERVAL:
+            self.flush()
+        got = self._get(url_key)
+        if got is None:
+            return None
+        rec, from_memory = got
+        key = url_key
+        if rec[0] == "index":
+            pairs = tuple((n, vary.normalise(request_headers, n)) for n in rec[1])
+            key = url_key + SEP + vary.signature(pairs)
+            got = self._get(key)
+            if got is None or got[0][0] != "entry":
+                return None
+            rec, from_memory = got
+        _, stored, body, path = rec
+        use = self._uses.get(key)
+        if use is None:
+            self._uses[key] = [1, stored.body_size or 0]
+        else:
+            use[0] += 1
+        return Hit(key, stored, body, path, 0, from_memory)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def begin_fill(self, url_key: str, stored: StoredResponse) -> Fill:
+        """Start storing the response `stored` (headers already filtered by
+        storable.headers_to_store, vary recorded) for `url_key`."""
+        return Fill(self, url_key, stored)
+
+    def _variant_keys(self, url_key: str) -> list[str]:
+        rows = self._sql(
+            "SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key < ?", (url_key + SEP, url_key + "\x02")
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def _publish(self, url_key: str, stored: StoredResponse, body: bytes | None, tmp: str | None) -> bool:
+        names = vary.vary_names(stored.headers)
+        if names == ["*"]:
+            return False
+        key = url_key if not names else url_key + SEP + vary.signature(stored.vary)
+        now = self.clock()
+        size = stored.body_size or 0
+        tag = eviction.score(now, 0, size, stale_at(stored, self.policy))
+        head = _dump_head(stored)
+        filename = None
+        if tmp is not None:
+            filename, full = self._cache.disk.filename()
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            os.rename(tmp, full)
+            row = _Row(MODE_FILE, pickle.dumps(head), filename, size)
+        else:
+            row = _Row(MODE_INLINE, pickle.dumps((head, body)), None, 0)
+        try:
+            with self._cache.transact():
+                if names:
+                    old = self._cache.get(url_key)
+                    if old != _VaryIndex(tuple(names)):
+                        for k in self._variant_keys(url_key):
+                            self._cache.delete(k)
+                        index = _Row(MODE_INDEX, pickle.dumps(tuple(names)), None, 0)
+                        self._cache.set(url_key, index, tag=now + eviction.INDEX_CREDIT)
+                else:
+                    for k in self._variant_keys(url_key):
+                        self._cache.delete(k)
+                self._cache.set(key, row, tag=tag)
+        except (diskcache.Timeout, sqlite3.Error, OSError):
+            if filename is not None:
+                self._cache.disk.remove(filename)
+            return False
+        self.memory.pop(url_key)
+        self.memory.pop(key)
+        if body is not None:
+            path = None
+            self.memory.put(key, ("entry", stored, body, path), len(body))
+        return True
+
+    def update(self, hit: Hit, stored: StoredResponse) -> bool:
+        """Replace the stored head of `hit` (after a 304, see conditional.merge_304) without
+        touching the body. False when the entry changed or vanished meanwhile."""
+        stored = stored.with_(body_size=hit.stored.body_size)
+        filename = None if hit.path is None else os.path.relpath(hit.path, self.directory)
+        if filename is None:
+            if hit.body is None:
+                return False
+            blob, mode = pickle.dumps((_dump_head(stored), hit.body)), MODE_INLINE
+        else:
+            blob, mode = pickle.dumps(_dump_head(stored)), MODE_FILE
+        try:
+            with self._cache.transact():
+                cur = self._sql(
+                    "UPDATE Cache SET value = ? WHERE key = ? AND raw = 1 AND mode = ? AND filename IS ?",
+                    (sqlite3.Binary(blob), hit.key, mode, filename),
+                )
+                changed = cur.rowcount == 1
+        except (diskcache.Timeout, sqlite3.Error):
+            return False
+        if changed and self.memory.get(hit.key) is not None:
+            self.memory.put(hit.key, ("entry", stored, hit.body, hit.path), len(hit.body or b""))
+        return changed
+
+    # --- counters and popularity ------------------------------------------------------------
+
+    def count_hit(self, nbytes: int, memory: bool = False) -> None:
+        """A request answered from the cache with `nbytes` of body (bytes saved upstream)."""
+        self._counts["hits"] += 1
+        if memory:
+            self._counts["mem_hits"] += 1
+        self._counts["bytes_saved"] += nbytes
+
+    def count_miss(self) -> None:
+        self._counts["misses"] += 1
+
+    def flush(self) -> None:
+        """Write batched hit counts and counters (one transaction). Called by lookup at most
+        once a second; call it on shutdown (close does) or from a timer."""
+        self._flushed = time.monotonic()
+        uses, self._uses = self._uses, {}
+        counts, self._counts = self._counts, dict.fromkeys(STAT_NAMES, 0)
+        if not uses and not any(counts.values()):
+            return
+        now = self.clock()
+        try:
+            with self._cache.transact():
+                for key, (n, size) in uses.items():
+                    self._sql(
+                        "UPDATE Cache SET access_count = access_count + ?, access_time = ?,"
+                        f" tag = ? + ? * (1 + access_count + ?) WHERE key = ? AND raw = 1 AND mode IN {_ENTRY_MODES_SQL}",
+                        (n, now, now, eviction.unit_credit(size), n, key),
+                    )
+                for name, delta in counts.items():
+                    if delta:
+                        self._cache.incr(STAT_PREFIX + name, delta)
+        except (diskcache.Timeout, sqlite3.Error):
+            for key, (n, size) in uses.items():  # try again next time
+                self._uses.setdefault(key, [0, size])[0] += n
+            for name, delta in counts.items():
+                self._counts[name] += delta
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes, capacity, hits, misses, hit_ratio, bytes_saved: as persisted in the
+        directory (every process's flushed counters), plus this process's unflushed ones."""
+        self.flush()
+        (entries,) = self._sql(f"SELECT COUNT(*) FROM Cache WHERE mode IN {_ENTRY_MODES_SQL}").fetchone()
+        out: dict[str, Any] = {"entries": entries, "bytes": self._cache.volume(), "capacity": self.capacity}
+        for name in STAT_NAMES:
+            out[name] = self._cache.get(STAT_PREFIX + name, 0)
+        total = out["hits"] + out["misses"]
+        out["hit_ratio"] = out["hits"] / total if total else 0.0
+        return out
+
+    # --- eviction ---------------------------------------------------------------------------
+
+    def maintain(self) -> int:
+        """Flush counters and cull until under capacity (in batches of 10 rows per transaction).
+        Meant for an executor thread or a timer; commits already cull a bounded batch."""
+        self.flush()
+        try:
+            return self._cache.cull()
+        except diskcache.Timeout as e:
+            return e.args[0] if e.args else 0
+
+    # --- removal ----------------------------------------------------------------------------
+
+    def _keys(self, where: str = "", params: tuple = ()) -> list[str]:
+        sql = f"SELECT key FROM Cache WHERE raw = 1 AND mode IN {_MODES_SQL} {where} ORDER BY key"
+        return [r[0] for r in self._sql(sql, params).fetchall()]
+
+    def _remove(self, keys: list[str], dry_run: bool) -> list[str]:
+        urls: list[str] = []
+        seen = set()
+        for k in keys:
+            url = k.split(SEP, 1)[0]
+            if url not in seen:
+                seen.add(url)
+                urls.append(url)
+        if dry_run or not keys:
+            return urls
+        for i in range(0, len(keys), 200):
+            with self._cache.transact(retry=True):
+                for k in keys[i : i + 200]:
+                    self._cache.delete(k, retry=True)
+        self._gen = self._cache.incr(GEN_KEY, 1, retry=True)
+        self.memory.clear()
+        return urls
+
+    def purge(self, url_key: str, dry_run: bool = False) -> bool:
+        """Remove every variant stored for one cache key; False when nothing was stored."""
+        keys = self._keys("AND (key = ? OR (key >= ? AND key < ?))", (url_key, url_key + SEP, url_key + "\x02"))
+        return bool(self._remove(keys, dry_run))
+
+    def purge_prefix(self, prefix: str, dry_run: bool = False) -> list[str]:
+        """Remove every URL starting with `prefix`; returns the URLs removed."""
+        if not prefix:
+            return self.purge_all(dry_run)
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return self._remove(self._keys("AND key >= ? AND key < ?", (prefix, upper)), dry_run)
+
+    def purge_domain(self, domain: str, dry_run: bool = False) -> list[str]:
+        """Remove every URL whose host is `domain` or a subdomain of it."""
+        domain = domain.lower().strip(".")
+        keys = []
+        for k in self._keys():
+            try:
+                host = split_url(k.split(SEP, 1)[0])[1]
+            except BadURL:
+                continue
+            if host == domain or host.endswith("." + domain):
+                keys.append(k)
+        return self._remove(keys, dry_run)
+
+    def purge_all(self, dry_run: bool = False) -> list[str]:
+        return self._remove(self._keys(), dry_run)
+
+    def invalidate(self, url_keys: list[str]) -> int:
+        """Invalidation after an unsafe method (see cache.invalidation): how many URLs were removed."""
+        return sum(1 for k in url_keys if self.purge(k))
+
+    def urls(self) -> list[str]:
+        """Every cached URL (for listings)."""
+        return self._remove(self._keys(), dry_run=True)
