@@ -16,8 +16,8 @@ Decisions for a shared cache:
 from __future__ import annotations
 
 from cache import cachecontrol
-from cache.model import Headers, Request, get_all, get_one
-from cache.vary import vary_names
+from cache.model import Headers, Request, StoredResponse, get_all, get_one
+from cache.vary import secondary_key, vary_names
 
 # 3: cacheable by default (heuristically cacheable, RFC 9110 15.1).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -96,3 +96,14 @@ def is_complete(headers: Headers, received: int) -> bool:
     """3.1 "incomplete responses": a body shorter (or longer) than its Content-Length."""
     expected = expected_length(headers)
     return expected is None or expected == received
+
+
+def make_stored(
+    request: Request, status: int, reason: str, headers: Headers, request_time: float, response_time: float
+) -> StoredResponse:
+    """The stored form of an origin response to `request` (fields filtered, Vary values recorded).
+    request_time: when the request was sent upstream; response_time: when the head arrived."""
+    return StoredResponse(
+        status, reason, headers_to_store(headers), request_time, response_time,
+        secondary_key(headers, request.headers), None,
+    )

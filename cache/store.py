@@ -620,3 +620,24 @@ class Store:
     def urls(self) -> list[str]:
         """Every cached URL (for listings)."""
         return self._remove(self._keys(), dry_run=True)
+
+
+def open_store(settings: dict[str, Any], **kw: Any) -> Store:
+    """A Store from the [cache] config section (a plain dict: this package never imports webproxy)."""
+    return Store(
+        settings["directory"],
+        capacity=settings.get("capacity"),
+        max_object_size=settings.get("max_object_size", 256 << 20),
+        memory_capacity=settings.get("memory_capacity", 64 << 20),
+        memory_object_size=settings.get("memory_object_size", 64 << 10),
+        policy=policy_from_settings(settings),
+        **kw,
+    )
+
+
+def policy_from_settings(settings: dict[str, Any]) -> Policy:
+    return Policy(
+        heuristic_fraction=settings.get("heuristic_fraction", 0.1),
+        heuristic_max=settings.get("heuristic_max", 86400.0),
+        serve_stale_on_error=settings.get("serve_stale_on_error", False),
+    )
