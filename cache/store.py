@@ -287,6 +287,7 @@ class Store:
         policy: Policy | None = None,
         clock: Callable[[], float] = time.time,
         timeout: float = 2.0,
+        cull_limit: int = 4,
     ) -> None:
         self.directory = directory
         self.max_object_size = max_object_size
@@ -295,7 +296,9 @@ class Store:
         settings: dict[str, Any] = {
             "eviction_policy": eviction.POLICY_NAME,
             "statistics": False,
-            "cull_limit": 10,
+            # Rows culled per commit when over capacity: small, so a commit stays cheap and does
+            # not evict far more than it needs; maintain() catches up after large commits.
+            "cull_limit": cull_limit,
             "disk_min_file_size": INLINE_MAX,
         }
         if capacity is not None:
@@ -310,6 +313,8 @@ class Store:
         self._tag = ""
         self._uses: dict[str, list[int]] = {}
         self._counts = dict.fromkeys(STAT_NAMES, 0)
+        self.flush_interval = FLUSH_INTERVAL
+        self.gen_check_interval = GEN_CHECK_INTERVAL
         self._flushed = time.monotonic()
         self._gen = self._cache.get(GEN_KEY, 0)
         self._gen_checked = time.monotonic()
@@ -398,9 +403,9 @@ class Store:
         """The stored response for `url_key` whose Vary matches `request_headers`, or None.
         Counts as a use of the entry (popularity), whatever is then decided about it."""
         mono = time.monotonic()
-        if mono - self._gen_checked >= GEN_CHECK_INTERVAL:
+        if mono - self._gen_checked >= self.gen_check_interval:
             self._check_generation(mono)
-        if mono - self._flushed >= FLUSH_INTERVAL:
+        if mono - self._flushed >= self.flush_interval:
             self.flush()
         got = self._get(url_key)
         if got is None:
