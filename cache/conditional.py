@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cache import cachecontrol
-from cache.freshness import current_age, freshness_lifetime
+from cache.freshness import current_age, directives, freshness_lifetime
 from cache.httpdate import parse_http_date
 from cache.model import Headers, Policy, Request, StoredResponse, get_all, get_one, without
 from cache.storable import HOP_BY_HOP
@@ -127,7 +127,7 @@ def stale_on_error_allowed(request: Request, stored: StoredResponse, now: float,
     Never when must-revalidate or proxy-revalidate says no; otherwise within the response's or
     the request's stale-if-error window, or at any staleness when the operator enabled
     serve_stale_on_error (which s-maxage, implying proxy-revalidate, also forbids)."""
-    cc = cachecontrol.parse(stored.headers)
+    cc = directives(stored)
     if "must-revalidate" in cc or "proxy-revalidate" in cc or ("no-cache" in cc and cc.arg("no-cache") is None):
         return False
     staleness = current_age(stored, now) - freshness_lifetime(stored, policy)

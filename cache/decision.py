@@ -20,7 +20,7 @@ from enum import StrEnum
 from cache import cachecontrol, ranges, vary
 from cache.cachecontrol import parse_delta
 from cache.conditional import not_modified, not_modified_headers, validation_headers
-from cache.freshness import current_age, freshness_lifetime, serve_headers
+from cache.freshness import age_header_value, current_age, directives, freshness_lifetime, serve_headers
 from cache.model import Headers, Policy, Request, StoredResponse, get_one
 
 
@@ -43,11 +43,29 @@ class Decision:
     reason: str = ""
 
 
+# Request fields that change a decision; most requests carry none of them, and then the
+# directive parsing and conditional checks below are skipped.
+_RELEVANT = frozenset(
+    {"cache-control", "pragma", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "range"}
+)
+_NO_DIRECTIVES = cachecontrol.Directives()
+
+
+def _present(request: Request) -> set[str] | frozenset[str]:
+    if not request.headers:
+        return frozenset()
+    return {k.lower() for k, _ in request.headers} & _RELEVANT
+
+
 def decide(request: Request, stored: StoredResponse | None, now: float, policy: Policy) -> Decision:
     method = request.method.upper()
     if method not in ("GET", "HEAD"):
         return Decision(Action.PASS, reason="method")
-    req = cachecontrol.request_directives(request.headers)
+    present = _present(request)
+    if "cache-control" in present or "pragma" in present:
+        req = cachecontrol.request_directives(request.headers)
+    else:
+        req = _NO_DIRECTIVES
     only_if_cached = "only-if-cached" in req
     if stored is not None and not vary.matches(stored, request.headers):
         stored = None
@@ -55,10 +73,10 @@ def decide(request: Request, stored: StoredResponse | None, now: float, policy: 
         if only_if_cached:
             return Decision(Action.ONLY_IF_CACHED_MISS, status=504, reason="not cached")
         return Decision(Action.MISS, reason="not cached")
-    if get_one(request.headers, "if-match") is not None or get_one(request.headers, "if-unmodified-since") is not None:
+    if "if-match" in present or "if-unmodified-since" in present:
         return Decision(Action.PASS, stored, reason="write precondition")
 
-    cc = cachecontrol.parse(stored.headers)
+    cc = directives(stored)
     if "no-cache" in req:
         return _revalidate(stored, only_if_cached, "request no-cache")
     if "no-cache" in cc and cc.arg("no-cache") is None:
@@ -76,7 +94,7 @@ def decide(request: Request, stored: StoredResponse | None, now: float, policy: 
     if isinstance(min_fresh, int) and lifetime - age < min_fresh:
         acceptable = False
     if acceptable:
-        return respond(request, stored, reason="fresh")
+        return respond(request, stored, reason="fresh", present=present)
 
     staleness = age - lifetime
     # s-maxage implies proxy-revalidate for a shared cache (5.2.2.10).
@@ -115,9 +133,13 @@ def _revalidate(stored: StoredResponse, only_if_cached: bool, reason: str) -> De
     return Decision(Action.REVALIDATE, stored, validation_headers=validation_headers(stored), reason=reason)
 
 
-def respond(request: Request, stored: StoredResponse, reason: str = "") -> Decision:
+def respond(request: Request, stored: StoredResponse, reason: str = "", present: set[str] | frozenset[str] | None = None) -> Decision:
     """How to answer `request` from `stored` once it may be used: 304 for a matching client
     conditional, 206/416 for a single Range on a complete 200, PASS for several ranges, else 200."""
+    if present is None:
+        present = _present(request)
+    if not present:
+        return Decision(Action.HIT, stored, stored.status, reason=reason)
     if not_modified(request, stored):
         return Decision(Action.HIT, stored, 304, reason=reason)
     value = get_one(request.headers, "range")
@@ -144,11 +166,15 @@ def head_for(decision: Decision, now: float) -> tuple[int, str, Headers]:
     whole stored body, or decision.byte_range of it for 206, nothing for 304/416 and HEAD."""
     stored = decision.stored
     assert stored is not None
-    headers = serve_headers(stored, now)
+    age = ("Age", age_header_value(stored, now))
     if decision.status == 304:
-        return 304, "Not Modified", not_modified_headers(headers)
+        return 304, "Not Modified", not_modified_headers(serve_headers(stored, now))
     size = stored.body_size or 0
-    base = [(k, v) for k, v in headers if k.lower() not in _NO_LENGTH]
+    base = stored.memo.get("no_length")
+    if base is None:
+        drop = _NO_LENGTH | {"age"}
+        base = stored.memo["no_length"] = [(k, v) for k, v in stored.headers if k.lower() not in drop]
+    base = [*base, age]
     if decision.status == 206:
         r = decision.byte_range
         assert r is not None

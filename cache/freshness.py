@@ -10,10 +10,21 @@ from cache.model import Headers, Policy, StoredResponse, get_all, get_one
 from cache.storable import HEURISTIC_STATUSES
 
 
+def directives(stored: StoredResponse) -> cachecontrol.Directives:
+    """The response's Cache-Control, parsed once per stored object."""
+    d = stored.memo.get("cc")
+    if d is None:
+        d = stored.memo["cc"] = cachecontrol.parse(stored.headers)
+    return d
+
+
 def date_value(stored: StoredResponse) -> float:
     """The Date field, or the time of receipt when absent or invalid (HTTP 6.6.1)."""
-    d = parse_http_date(get_one(stored.headers, "date"))
-    return stored.response_time if d is None else d
+    v = stored.memo.get("date")
+    if v is None:
+        d = parse_http_date(get_one(stored.headers, "date"))
+        v = stored.memo["date"] = stored.response_time if d is None else d
+    return v
 
 
 def age_value(headers: Headers) -> int:
@@ -29,10 +40,12 @@ def age_value(headers: Headers) -> int:
 
 def current_age(stored: StoredResponse, now: float) -> float:
     """4.2.3 current_age."""
-    apparent_age = max(0.0, stored.response_time - date_value(stored))
-    response_delay = stored.response_time - stored.request_time
-    corrected_age_value = age_value(stored.headers) + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
+    corrected_initial_age = stored.memo.get("initial_age")
+    if corrected_initial_age is None:
+        apparent_age = max(0.0, stored.response_time - date_value(stored))
+        response_delay = stored.response_time - stored.request_time
+        corrected_age_value = age_value(stored.headers) + response_delay
+        corrected_initial_age = stored.memo["initial_age"] = max(apparent_age, corrected_age_value)
     resident_time = now - stored.response_time
     return corrected_initial_age + resident_time
 
@@ -44,9 +57,10 @@ def age_header_value(stored: StoredResponse, now: float) -> str:
 
 def serve_headers(stored: StoredResponse, now: float) -> list[tuple[str, str]]:
     """The stored fields with the stored Age replaced by the current one."""
-    out = [(k, v) for k, v in stored.headers if k.lower() != "age"]
-    out.append(("Age", age_header_value(stored, now)))
-    return out
+    base = stored.memo.get("no_age")
+    if base is None:
+        base = stored.memo["no_age"] = [(k, v) for k, v in stored.headers if k.lower() != "age"]
+    return [*base, ("Age", age_header_value(stored, now))]
 
 
 def expires_lifetime(headers: Headers, stored_date: float) -> float | None:
@@ -66,7 +80,7 @@ def expires_lifetime(headers: Headers, stored_date: float) -> float | None:
 def heuristic_allowed(stored: StoredResponse, cc: cachecontrol.Directives | None = None) -> bool:
     """4.2.2: only without explicit freshness, and only for heuristically cacheable status codes
     or responses marked `public`."""
-    cc = cc if cc is not None else cachecontrol.parse(stored.headers)
+    cc = cc if cc is not None else directives(stored)
     if "max-age" in cc or "s-maxage" in cc or get_one(stored.headers, "expires") is not None:
         return False
     return stored.status in HEURISTIC_STATUSES or "public" in cc
@@ -86,7 +100,15 @@ def heuristic_lifetime(stored: StoredResponse, policy: Policy) -> float:
 def freshness_lifetime(stored: StoredResponse, policy: Policy) -> float:
     """4.2.1, shared cache: s-maxage, then max-age, then Expires - Date, then the heuristic.
     A malformed or repeated s-maxage/max-age makes the response stale (lifetime 0)."""
-    cc = cachecontrol.parse(stored.headers)
+    key = ("lifetime", policy)
+    v = stored.memo.get(key)
+    if v is None:
+        v = stored.memo[key] = _freshness_lifetime(stored, policy)
+    return v
+
+
+def _freshness_lifetime(stored: StoredResponse, policy: Policy) -> float:
+    cc = directives(stored)
     for name in ("s-maxage", "max-age"):
         secs = cc.seconds(name)
         if secs is INVALID:

@@ -7,6 +7,8 @@ decoded str) so a stored response is replayed as the origin sent it; lookups are
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
 
 Headers = list[tuple[str, str]]
 
@@ -63,13 +65,21 @@ class StoredResponse:
     vary: tuple[tuple[str, str | None], ...] = ()
     body_size: int | None = None
 
-    @property
+    # Derived values are computed once per object: a hot entry is the same object on every hit
+    # (memory tier), so parsing its fields is not repeated per request.
+
+    @cached_property
     def etag(self) -> str | None:
         return get_one(self.headers, "etag")
 
-    @property
+    @cached_property
     def last_modified(self) -> str | None:
         return get_one(self.headers, "last-modified")
+
+    @cached_property
+    def memo(self) -> dict[str, Any]:
+        """Scratch space for values derived from this response (see freshness, vary)."""
+        return {}
 
     def with_(self, **changes) -> StoredResponse:
         return replace(self, **changes)

@@ -52,7 +52,11 @@ def secondary_key(response_headers: Headers, request_headers: Headers) -> tuple[
 
 def matches(stored: StoredResponse, request_headers: Headers) -> bool:
     """Whether `stored` may be used for a request with `request_headers` (4.1)."""
-    names = vary_names(stored.headers)
+    names = stored.memo.get("vary")
+    if names is None:
+        names = stored.memo["vary"] = vary_names(stored.headers)
+    if not names:
+        return True
     if names == ["*"]:
         return False
     recorded = dict(stored.vary)
