@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import diskcache
 from diskcache.core import UNKNOWN
@@ -60,6 +60,7 @@ INLINE_MAX = 32 * 1024  # diskcache's own threshold for keeping values in SQLite
 FLUSH_INTERVAL = 1.0
 GEN_CHECK_INTERVAL = 1.0
 _MEM_OVERHEAD = 512  # rough per-entry cost of a memory-tier record beyond its body
+_HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
 
 
 def _dump_head(s: StoredResponse) -> tuple:
@@ -106,9 +107,11 @@ class EntryDisk(diskcache.Disk):
 
 @dataclass
 class Hit:
-    """A stored response found for a request. Send `body` when it is not None, else the file at
-    `path` from `offset` for `stored.body_size` bytes (sendfile). `in_memory`: served from the
-    memory tier (TCP_MEM_HIT)."""
+    """A stored response found for a request. The body is `body` when it is in memory, else the
+    open `file` (send `stored.body_size` bytes from `offset`, with sendfile where possible).
+    The file was opened by the lookup, so its bytes stay valid even if another process culls or
+    purges the entry meanwhile; close() it when done (or use the Hit as a context manager).
+    `in_memory`: the body came from the memory tier (TCP_MEM_HIT)."""
 
     key: str
     stored: StoredResponse
@@ -116,24 +119,27 @@ class Hit:
     path: str | None
     offset: int = 0
     in_memory: bool = False
+    file: BinaryIO | None = None
 
     @property
     def size(self) -> int:
         return self.stored.body_size or 0
 
-    def open(self):
-        """The body file opened for reading, or None when it is gone (culled or purged by another
-        process since the lookup): then treat the request as a miss."""
-        if self.path is None:
-            return None
-        try:
-            return open(self.path, "rb")
-        except FileNotFoundError:
-            return None
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> Hit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class MemoryTier:
-    """Small hot objects (and Vary index rows) in an LRU dict bounded in bytes."""
+    """Small hot objects, the heads of large ones, and Vary index rows, in an LRU dict bounded
+    in bytes."""
 
     def __init__(self, capacity: int, max_object: int) -> None:
         self.capacity = capacity
@@ -395,8 +401,9 @@ class Store:
             if len(body) != stored.body_size:
                 return None
         rec = ("entry", stored, body, path)
-        if body is not None:
-            self.memory.put(key, rec, len(body))
+        # Large bodies stay on disk, but their head is kept in memory so the next hit costs a dict
+        # lookup and an open(); if the file went away meanwhile, the open fails and it is a miss.
+        self.memory.put(key, rec, len(body) if body is not None else _HEAD_COST)
         return rec, False
 
     def lookup(self, url_key: str, request_headers: Headers) -> Hit | None:
@@ -410,7 +417,7 @@ class Store:
         got = self._get(url_key)
         if got is None:
             return None
-        rec, from_memory = got
+        rec, _ = got
         key = url_key
         if rec[0] == "index":
             pairs = tuple((n, vary.normalise(request_headers, n)) for n in rec[1])
@@ -418,14 +425,21 @@ class Store:
             got = self._get(key)
             if got is None or got[0][0] != "entry":
                 return None
-            rec, from_memory = got
+            rec, _ = got
         _, stored, body, path = rec
+        file = None
+        if body is None and path is not None:
+            try:
+                file = open(path, "rb")
+            except FileNotFoundError:  # culled or replaced by a process since we saw it
+                self.memory.pop(key)
+                return None
         use = self._uses.get(key)
         if use is None:
             self._uses[key] = [1, stored.body_size or 0]
         else:
             use[0] += 1
-        return Hit(key, stored, body, path, 0, from_memory)
+        return Hit(key, stored, body, path, 0, body is not None and got[1], file)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -475,10 +489,8 @@ class Store:
                 self._cache.disk.remove(filename)
             return False
         self.memory.pop(url_key)
-        self.memory.pop(key)
-        if body is not None:
-            path = None
-            self.memory.put(key, ("entry", stored, body, path), len(body))
+        path = None if filename is None else os.path.join(self.directory, filename)
+        self.memory.put(key, ("entry", stored, body, path), len(body) if body is not None else _HEAD_COST)
         return True
 
     def update(self, hit: Hit, stored: StoredResponse) -> bool:
@@ -501,8 +513,9 @@ class Store:
                 changed = cur.rowcount == 1
         except (diskcache.Timeout, sqlite3.Error):
             return False
-        if changed and self.memory.get(hit.key) is not None:
-            self.memory.put(hit.key, ("entry", stored, hit.body, hit.path), len(hit.body or b""))
+        if changed:
+            size = len(hit.body) if hit.body is not None else _HEAD_COST
+            self.memory.put(hit.key, ("entry", stored, hit.body, hit.path), size)
         return changed
 
     # --- counters and popularity ------------------------------------------------------------

@@ -50,9 +50,9 @@ def fill(store: Store, key: str, size: int, chunk: int = 16384, **kw) -> bool:
 def read_hit(hit) -> bytes:
     if hit.body is not None:
         return hit.body
-    with hit.open() as f:
-        f.seek(hit.offset)
-        return f.read(hit.size)
+    with hit:
+        hit.file.seek(hit.offset)
+        return hit.file.read(hit.size)
 
 
 def run_py(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -441,3 +441,21 @@ async def test_collapsed_wait_is_bounded(store):
     flight, leader = store.flights.join("http://e.com/slow")
     assert not leader
     assert await flight.wait(0.01) is False
+
+
+def test_a_hit_being_served_survives_a_purge_by_another_process(store):
+    assert fill(store, "http://e.com/big", 300_000)
+    hit = store.lookup("http://e.com/big", [])
+    out = run_py("import sys\nfrom cache.store import Store\nprint(Store(sys.argv[1]).purge('http://e.com/big'))",
+                 store.directory)
+    assert out.stdout.strip() == "True", out.stderr
+    assert not os.path.exists(hit.path)
+    assert read_hit(hit) == body_of("http://e.com/big", 300_000)  # the open file keeps its bytes
+    assert store.lookup("http://e.com/big", []) is None  # and the next lookup misses
+
+
+def test_head_of_a_large_entry_is_kept_in_memory_but_the_body_is_read_from_disk(store):
+    assert fill(store, "http://e.com/big", 300_000)
+    with store.lookup("http://e.com/big", []) as hit:
+        assert hit.body is None and not hit.in_memory and hit.file is not None
+    assert store.memory.get(hit.key) is not None
