@@ -46,8 +46,9 @@ def score(last_use: float, hits: int, size: int, stale_at: float | None = None) 
 
 
 def register() -> None:
-    """Make POLICY_NAME known to diskcache: cull by ascending tag over the (tag, rowid) index.
-    Rows without a tag (counters) are never culled. No per-get update: hits are batched."""
+    """Make POLICY_NAME known to diskcache: cull by ascending tag over the (tag, rowid) index
+    (the store opens the cache with tag_index=True so diskcache keeps it). Rows without a tag
+    (counters) are never culled. No per-get update: hits are batched."""
     EVICTION_POLICY[POLICY_NAME] = {
         "init": "CREATE INDEX IF NOT EXISTS Cache_tag_rowid ON Cache(tag, rowid)",
         "get": None,

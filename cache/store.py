@@ -282,6 +282,19 @@ class Fill:
         self.abort()
 
 
+def _open_cache(directory: str, timeout: float, settings: dict[str, Any]) -> diskcache.Cache:
+    # diskcache's constructor runs a few statements without its busy-retry (the tag index), so
+    # opening while another process writes can fail with "database is locked": retry briefly.
+    deadline = time.monotonic() + max(timeout, 5.0)
+    while True:
+        try:
+            return diskcache.Cache(directory, timeout=timeout, disk=EntryDisk, **settings)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Store:
     def __init__(
         self,
@@ -301,6 +314,9 @@ class Store:
         self.clock = clock
         settings: dict[str, Any] = {
             "eviction_policy": eviction.POLICY_NAME,
+            # diskcache's own (tag, rowid) index, which the eviction policy walks; without this
+            # setting diskcache drops that index on every open.
+            "tag_index": True,
             "statistics": False,
             # Rows culled per commit when over capacity: small, so a commit stays cheap and does
             # not evict far more than it needs; maintain() catches up after large commits.
@@ -309,7 +325,7 @@ class Store:
         }
         if capacity is not None:
             settings["size_limit"] = capacity
-        self._cache = diskcache.Cache(directory, timeout=timeout, disk=EntryDisk, **settings)
+        self._cache = _open_cache(directory, timeout, settings)
         self._sql = self._cache._sql
         self.memory = MemoryTier(memory_capacity, memory_object_size)
         self.flights = Flights()

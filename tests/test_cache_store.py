@@ -459,3 +459,44 @@ def test_head_of_a_large_entry_is_kept_in_memory_but_the_body_is_read_from_disk(
     with store.lookup("http://e.com/big", []) as hit:
         assert hit.body is None and not hit.in_memory and hit.file is not None
     assert store.memory.get(hit.key) is not None
+
+
+def test_two_processes_fill_one_directory_at_the_same_time(tmp_path):
+    d = str(tmp_path / "c")
+    Store(d).close()
+    code = """
+        import sys
+        from cache.model import StoredResponse
+        from cache.store import Store
+        s = Store(sys.argv[1])
+        for i in range(40):
+            key = f"http://e.com/{sys.argv[2]}/{i}"
+            size = 100 + i * 3001
+            f = s.begin_fill(key, StoredResponse(200, "OK", [("Content-Length", str(size))], 0.0, 0.0, (), None))
+            f.write(key.encode().ljust(size, b"."))
+            assert f.commit(), key
+            s.count_hit(1)
+        s.close()
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), d, name], env=env)
+             for name in ("p1", "p2")]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    s = Store(d)
+    for name in ("p1", "p2"):
+        for i in range(40):
+            key = f"http://e.com/{name}/{i}"
+            assert read_hit(s.lookup(key, [])) == key.encode().ljust(100 + i * 3001, b".")
+    st = s.stats()
+    assert st["entries"] == 80 and st["hits"] == 80
+    s.close()
+
+
+def test_cull_walks_the_score_index_after_a_reopen(tmp_path):
+    # Bounded eviction work: the cull query must read the lowest scores off an index, not sort
+    # the whole table (diskcache drops that index on open unless told to keep it).
+    Store(str(tmp_path / "c")).close()
+    s = Store(str(tmp_path / "c"))
+    plan = s._sql("EXPLAIN QUERY PLAN SELECT rowid FROM Cache WHERE tag IS NOT NULL ORDER BY tag LIMIT 4").fetchall()
+    assert "INDEX Cache_tag_rowid" in str(plan) and "TEMP B-TREE" not in str(plan)
+    s.close()
