@@ -324,3 +324,55 @@ def test_age_header_on_served_hit():
     r = d(req(), stored(FRESH60 + [("Age", "7")]), now=T0 + 10)
     _, _, headers = head_for(r, T0 + 10)
     assert get_one(headers, "age") == "17"
+
+
+def test_only_if_cached_with_request_no_cache_is_a_504():
+    r = d(req(("Cache-Control", "only-if-cached, no-cache")), stored(FRESH60))
+    assert r.action is Action.ONLY_IF_CACHED_MISS and r.status == 504
+
+
+def test_stale_while_revalidate_is_honoured_with_s_maxage():
+    s = stored([("Cache-Control", "s-maxage=60, stale-while-revalidate=30")])
+    assert d(req(), s, now=T0 + 80).action is Action.STALE_WHILE_REVALIDATE
+
+
+def test_serve_stale_on_error_policy_does_not_override_s_maxage():
+    s = stored([("Cache-Control", "s-maxage=60")])
+    lenient = Policy(serve_stale_on_error=True)
+    assert revalidation_outcome(req(), s, 503, [], T0 + 100, T0 + 100, lenient).action == FORWARD_ERROR
+
+
+def test_invalid_request_max_age_is_ignored():
+    assert d(req(("Cache-Control", "max-age=soon")), stored(FRESH60)).action is Action.HIT
+
+
+def test_expires_in_the_past_is_stale():
+    s = stored([("Expires", http_date(T0 - 10)), ("ETag", '"x"')])
+    assert d(req(), s, now=T0 + 1).action is Action.REVALIDATE
+
+
+def test_last_modified_after_date_gives_no_heuristic_freshness():
+    s = stored([("Last-Modified", http_date(T0 + 1000))])
+    assert d(req(), s, now=T0 + 1).action is Action.REVALIDATE
+
+
+def test_heuristically_fresh_response_is_a_hit_until_its_heuristic_lifetime():
+    s = stored([("Last-Modified", http_date(T0 - 1000)), ("ETag", '"x"')])
+    assert d(req(), s, now=T0 + 99).action is Action.HIT
+    assert d(req(), s, now=T0 + 101).action is Action.REVALIDATE
+
+
+def test_stored_204_is_served_without_content_length():
+    s = stored([("Cache-Control", "max-age=60")], status=204, body_size=0)
+    status, _, headers = head_for(d(req(), s), T0 + 1)
+    assert status == 204 and get_one(headers, "content-length") is None
+
+
+def test_log_tags_follow_squid():
+    from cache.logtags import revalidation_tag, served_tag
+
+    assert served_tag(d(req(), stored(FRESH60)), in_memory=True) == "TCP_MEM_HIT"
+    assert served_tag(d(req(), stored(FRESH60)), in_memory=False) == "TCP_HIT"
+    assert served_tag(d(req(("If-None-Match", '"v1"')), stored(FRESH60)), False) == "TCP_IMS_HIT"
+    assert revalidation_tag(UPDATE) == "TCP_REFRESH_UNMODIFIED"
+    assert revalidation_tag(SERVE_STALE) == "TCP_REFRESH_FAIL_OLD"
