@@ -395,8 +395,8 @@ class Store:
             return rec, True
         try:
             value = self._cache.get(key)
-        except diskcache.Timeout:
-            return None
+        except (diskcache.Timeout, sqlite3.OperationalError):
+            return None  # the database is busy: a miss is the safe answer
         if value is None:
             return None
         if isinstance(value, _VaryIndex):
@@ -480,30 +480,34 @@ class Store:
         tag = eviction.score(now, 0, size, stale_at(stored, self.policy))
         head = _dump_head(stored)
         filename = None
-        if tmp is not None:
-            filename, full = self._cache.disk.filename()
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            os.rename(tmp, full)
-            row = _Row(MODE_FILE, pickle.dumps(head), filename, size)
-        else:
-            row = _Row(MODE_INLINE, pickle.dumps((head, body)), None, 0)
+        dropped: list[str] = []
         try:
+            if tmp is not None:
+                filename, full = self._cache.disk.filename()
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                # Same filesystem: the body appears under its final name whole, never partly.
+                os.rename(tmp, full)
+                row = _Row(MODE_FILE, pickle.dumps(head), filename, size)
+            else:
+                row = _Row(MODE_INLINE, pickle.dumps((head, body)), None, 0)
             with self._cache.transact():
                 if names:
                     old = self._cache.get(url_key)
                     if old != _VaryIndex(tuple(names)):
-                        for k in self._variant_keys(url_key):
-                            self._cache.delete(k)
+                        dropped = self._variant_keys(url_key)
                         index = _Row(MODE_INDEX, pickle.dumps(tuple(names)), None, 0)
                         self._cache.set(url_key, index, tag=now + eviction.INDEX_CREDIT)
                 else:
-                    for k in self._variant_keys(url_key):
-                        self._cache.delete(k)
+                    dropped = self._variant_keys(url_key)
+                for k in dropped:
+                    self._cache.delete(k)
                 self._cache.set(key, row, tag=tag)
         except (diskcache.Timeout, sqlite3.Error, OSError):
             if filename is not None:
                 self._cache.disk.remove(filename)
             return False
+        for k in dropped:
+            self.memory.pop(k)
         self.memory.pop(url_key)
         path = None if filename is None else os.path.join(self.directory, filename)
         self.memory.put(key, ("entry", stored, body, path), len(body) if body is not None else _HEAD_COST)
