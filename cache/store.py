@@ -509,8 +509,12 @@ class Store:
         for k in dropped:
             self.memory.pop(k)
         self.memory.pop(url_key)
-        path = None if filename is None else os.path.join(self.directory, filename)
-        self.memory.put(key, ("entry", stored, body, path), len(body) if body is not None else _HEAD_COST)
+        if body is not None:
+            self.memory.put(key, ("entry", stored, body, None), len(body))
+        elif size > self.memory.max_object:
+            path = os.path.join(self.directory, filename)
+            self.memory.put(key, ("entry", stored, None, path), _HEAD_COST)
+        # (a body small enough for memory but spilled to a file is loaded on its first hit)
         return True
 
     def update(self, hit: Hit, stored: StoredResponse) -> bool:

@@ -500,3 +500,11 @@ def test_cull_walks_the_score_index_after_a_reopen(tmp_path):
     plan = s._sql("EXPLAIN QUERY PLAN SELECT rowid FROM Cache WHERE tag IS NOT NULL ORDER BY tag LIMIT 4").fetchall()
     assert "INDEX Cache_tag_rowid" in str(plan) and "TEMP B-TREE" not in str(plan)
     s.close()
+
+
+def test_a_file_backed_body_small_enough_for_memory_is_served_from_memory_after_its_first_hit(store):
+    assert fill(store, "http://e.com/m", 64 << 10)  # stored in a file (above the inline size)
+    first = store.lookup("http://e.com/m", [])
+    second = store.lookup("http://e.com/m", [])
+    assert first.body == second.body == body_of("http://e.com/m", 64 << 10)
+    assert second.in_memory and second.file is None
