@@ -9,7 +9,7 @@ from cache import cachecontrol
 from cache.freshness import current_age, directives, freshness_lifetime
 from cache.httpdate import parse_http_date
 from cache.model import Headers, Policy, Request, StoredResponse, get_all, get_one, without
-from cache.storable import HOP_BY_HOP
+from cache.storable import HOP_BY_HOP, expected_length
 
 # Client fields that would turn our validation or fill into something we cannot store.
 CLIENT_CONDITIONALS = {"if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range", "range"}
@@ -159,3 +159,23 @@ def revalidation_outcome(
             return Outcome(REFETCH)
         return Outcome(UPDATE, merge_304(stored, headers, request_time, response_time))
     return Outcome(REPLACE)
+
+
+def freshen_with_head(
+    stored: StoredResponse, response_headers: Headers, request_time: float, response_time: float
+) -> StoredResponse | None:
+    """4.3.5: a 200 answer to a HEAD sent upstream updates the stored GET response when its
+    validators (those it carries) and Content-Length match; None when the stored response must
+    be considered stale instead (the caller leaves it, or drops it)."""
+    etag = get_one(response_headers, "etag")
+    lm = get_one(response_headers, "last-modified")
+    if etag is None and lm is None:
+        return None
+    if etag is not None and (stored.etag is None or etag.strip() != stored.etag.strip()):
+        return None
+    if lm is not None and parse_http_date(lm) != parse_http_date(stored.last_modified):
+        return None
+    length = expected_length(response_headers)
+    if length is not None and length != stored.body_size:
+        return None
+    return merge_304(stored, response_headers, request_time, response_time)

@@ -376,3 +376,15 @@ def test_log_tags_follow_squid():
     assert served_tag(d(req(("If-None-Match", '"v1"')), stored(FRESH60)), False) == "TCP_IMS_HIT"
     assert revalidation_tag(UPDATE) == "TCP_REFRESH_UNMODIFIED"
     assert revalidation_tag(SERVE_STALE) == "TCP_REFRESH_FAIL_OLD"
+
+
+def test_head_response_with_matching_validators_freshens_the_stored_get():
+    from cache.conditional import freshen_with_head
+
+    s = stored(FRESH60 + [("Content-Length", "100")], body_size=100)
+    h = [("ETag", '"v1"'), ("Content-Length", "100"), ("Cache-Control", "max-age=300"), ("Date", http_date(T0 + 100))]
+    m = freshen_with_head(s, h, T0 + 100, T0 + 100)
+    assert m is not None and decide(req(), m, T0 + 300, POLICY).action is Action.HIT
+    assert freshen_with_head(s, [("ETag", '"v2"')], T0, T0) is None
+    assert freshen_with_head(s, [("ETag", '"v1"'), ("Content-Length", "99")], T0, T0) is None
+    assert freshen_with_head(s, [("Content-Length", "100")], T0, T0) is None
