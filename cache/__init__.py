@@ -48,6 +48,10 @@ How a front end uses it (one request; `now` = time.time(), headers as (str, str)
         REPLACE: like a MISS with the new response;  REFETCH: fetch again without validators
         SERVE_STALE: serve head_for(respond(rq, d.stored), now);  FORWARD_ERROR: relay the error
         log logtags.revalidation_tag(o.action)
+        A MISS whose request carries Range or client conditionals may forward them as they are
+        (the 206/304 answer is not storable, as in Squid) or strip them to fill the cache.
+        HEAD with REVALIDATE: a conditional HEAD upstream; a 200 answer goes through
+        conditional.freshen_with_head(d.stored, headers, t_req, t_resp) -> store.update or stale.
     ONLY_IF_CACHED_MISS: answer 504.   PASS: forward, store nothing.
     after any unsafe method: store.invalidate(invalidation.invalidated_keys(method, url, status, hdrs))
 

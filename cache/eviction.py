@@ -14,8 +14,9 @@ term is in seconds, so H reads as "the time until which this entry has earned it
   small object that is used as often as a large one keeps its place; the space of one large
   object holds many small ones, each of which may hit. MIN_SIZE stops tiny objects from getting
   unbounded credit (a few KiB is the real cost of any entry: index row, file, page).
-- expiry: an entry nobody has asked for since it was stored ranks no higher than the moment it
-  went stale, so expired, unrequested entries are the first to go.
+- expiry: an entry nobody has asked for since it was stored is capped at the moment it goes
+  stale, so once expired and unrequested it ranks below every entry whose score is still in
+  the future (whatever its size): those go first, the longest expired first.
 
 Scores are written at store time and when batched hit counts are flushed, never per hit.
 """
