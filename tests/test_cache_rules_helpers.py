@@ -1,4 +1,4 @@
-"""Shared builders for the cache rule tests."""
+"""Shared builders for the cache rule tests (no tests here)."""
 
 from __future__ import annotations
 
