@@ -14,7 +14,10 @@ Never imports `webproxy`. Modules, one job each:
     logtags       Squid result codes
     collapse      collapsed forwarding (one fetch per key in flight)
     eviction      the GDSF score and diskcache eviction policy
-    store         Store: lookup, fill, update, purge, counters
+    store         Store: lookup, publish, update, purge, counters
+    fill          Fill: a body streaming into the store
+    rows          the diskcache row format (diskcache.Disk subclass)
+    memory        the in-process memory tier
 
 How a front end uses it (one request; `now` = time.time(), headers as (str, str) lists):
 

@@ -32,77 +32,30 @@ import pickle
 import secrets
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import diskcache
-from diskcache.core import UNKNOWN
 
 from cache import eviction, vary
 from cache.collapse import Flights
+from cache.fill import INLINE_MAX, Fill, process_tag
 from cache.freshness import stale_at
 from cache.key import BadURL, split_url
+from cache.memory import MemoryTier
 from cache.model import Headers, Policy, StoredResponse
-from cache.storable import expected_length
+from cache.rows import MODE_FILE, MODE_INDEX, MODE_INLINE, EntryDisk, Row, VaryIndex, dump_head, load_head
 
-MODE_INLINE = 11  # value = pickle((head, body))
-MODE_FILE = 12  # value = pickle(head), filename = body
-MODE_INDEX = 13  # value = pickle(vary field names)
 _MODES_SQL = f"({MODE_INLINE}, {MODE_FILE}, {MODE_INDEX})"
 _ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
 SEP = "\x01"  # between a cache key and a secondary key; cannot occur in a request target
 GEN_KEY = "#generation"
 STAT_PREFIX = "#stats:"
 STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved")
-INLINE_MAX = 32 * 1024  # diskcache's own threshold for keeping values in SQLite
 FLUSH_INTERVAL = 1.0
 GEN_CHECK_INTERVAL = 1.0
-_MEM_OVERHEAD = 512  # rough per-entry cost of a memory-tier record beyond its body
 _HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
-
-
-def _dump_head(s: StoredResponse) -> tuple:
-    return (s.status, s.reason, s.headers, s.request_time, s.response_time, s.vary, s.body_size)
-
-
-def _load_head(t: tuple) -> StoredResponse:
-    status, reason, headers, request_time, response_time, vary_pairs, body_size = t
-    return StoredResponse(status, reason, headers, request_time, response_time, tuple(vary_pairs), body_size)
-
-
-@dataclass
-class _Row:
-    mode: int
-    blob: bytes
-    filename: str | None
-    size: int
-
-
-@dataclass(frozen=True)
-class _VaryIndex:
-    names: tuple[str, ...]
-
-
-class EntryDisk(diskcache.Disk):
-    """diskcache's Disk taught our row kinds: a body already written to its file is adopted
-    without a copy; fetch returns the head and the body (or the body's file name) unopened."""
-
-    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple:
-        if isinstance(value, _Row):
-            return value.size, value.mode, value.filename, sqlite3.Binary(value.blob)
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        if mode == MODE_FILE:
-            return (pickle.loads(value), None, filename)
-        if mode == MODE_INLINE:
-            head, body = pickle.loads(value)
-            return (head, body, None)
-        if mode == MODE_INDEX:
-            return _VaryIndex(tuple(pickle.loads(value)))
-        return super().fetch(mode, filename, value, read)
 
 
 @dataclass
@@ -135,151 +88,6 @@ class Hit:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class MemoryTier:
-    """Small hot objects, the heads of large ones, and Vary index rows, in an LRU dict bounded
-    in bytes."""
-
-    def __init__(self, capacity: int, max_object: int) -> None:
-        self.capacity = capacity
-        self.max_object = max_object
-        self.bytes = 0
-        self._d: OrderedDict[str, tuple[tuple, int]] = OrderedDict()
-
-    def get(self, key: str) -> tuple | None:
-        v = self._d.get(key)
-        if v is None:
-            return None
-        self._d.move_to_end(key)
-        return v[0]
-
-    def put(self, key: str, record: tuple, size: int) -> None:
-        self.pop(key)
-        if size > self.max_object or size + _MEM_OVERHEAD > self.capacity:
-            return
-        size += _MEM_OVERHEAD
-        self._d[key] = (record, size)
-        self.bytes += size
-        while self.bytes > self.capacity:
-            _, (_, s) = self._d.popitem(last=False)
-            self.bytes -= s
-
-    def pop(self, key: str) -> None:
-        v = self._d.pop(key, None)
-        if v is not None:
-            self.bytes -= v[1]
-
-    def clear(self) -> None:
-        self._d.clear()
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-def _process_tag(pid: int) -> str | None:
-    """pid-starttime of a running process (so a reused pid is not mistaken for the old one)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f"{pid}-{int(f.read().rsplit(b')', 1)[1].split()[19])}"
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return f"{pid}-0"
-
-
-class Fill:
-    """A response body being stored while it is served. write() many times, then commit() when
-    the upstream body ended normally, or abort(). Nothing is visible before commit; commit
-    publishes only a body whose length matches Content-Length (when given). Usable as a context
-    manager: leaving the block without commit aborts."""
-
-    def __init__(self, store: Store, url_key: str, stored: StoredResponse) -> None:
-        self.store = store
-        self.url_key = url_key
-        self.stored = stored
-        self.expected = expected_length(stored.headers)
-        self.received = 0
-        self.state = "open"
-        self._buf = bytearray()
-        self._file = None
-        self._tmp: str | None = None
-        if self.expected is not None and self.expected > store.max_object_size:
-            self.abort()
-
-    @property
-    def active(self) -> bool:
-        return self.state == "open"
-
-    def write(self, chunk: bytes) -> None:
-        if self.state != "open":
-            return
-        self.received += len(chunk)
-        if self.received > self.store.max_object_size or (self.expected is not None and self.received > self.expected):
-            self.abort()
-            return
-        if self._file is not None:
-            self._file.write(chunk)
-            return
-        self._buf += chunk
-        if len(self._buf) >= INLINE_MAX:
-            self._tmp = self.store._tmp_path()
-            self._file = open(self._tmp, "wb")
-            self._file.write(self._buf)
-            self._buf = bytearray()
-
-    def commit(self) -> bool:
-        """Publish the entry; False (and nothing stored) when the body is incomplete or the store
-        refused it."""
-        if self.state != "open":
-            return False
-        ok = False
-        try:
-            if self.expected is None or self.received == self.expected:
-                if self._file is not None:
-                    self._file.close()
-                    self._file = None
-                stored = self.stored.with_(body_size=self.received)
-                body = bytes(self._buf) if self._tmp is None else None
-                ok = self.store._publish(self.url_key, stored, body, self._tmp)
-        finally:
-            self.state = "committed" if ok else "aborted"
-            if not ok:
-                self._discard()
-            self.store.flights.finish(self.url_key, ok)
-        return ok
-
-    def abort(self) -> None:
-        if self.state != "open":
-            return
-        self.state = "aborted"
-        self._discard()
-        self.store.flights.finish(self.url_key, False)
-
-    def _discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._tmp = None
-        self._buf = bytearray()
-
-    def __enter__(self) -> Fill:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.abort()
 
 
 def _open_cache(directory: str, timeout: float, settings: dict[str, Any]) -> diskcache.Cache:
@@ -354,7 +162,7 @@ class Store:
         for name in os.listdir(self._tmp_dir):
             pid_s, _, rest = name.partition("-")
             start = rest.partition("-")[0]
-            alive = pid_s.isdigit() and _process_tag(int(pid_s)) in (f"{pid_s}-{start}", f"{pid_s}-0")
+            alive = pid_s.isdigit() and process_tag(int(pid_s)) in (f"{pid_s}-{start}", f"{pid_s}-0")
             if not alive:
                 try:
                     os.unlink(os.path.join(self._tmp_dir, name))
@@ -366,7 +174,7 @@ class Store:
     def _tmp_path(self) -> str:
         pid = os.getpid()
         if pid != self._tag_pid:  # also right after a fork
-            self._tag_pid, self._tag = pid, _process_tag(pid) or f"{pid}-0"
+            self._tag_pid, self._tag = pid, process_tag(pid) or f"{pid}-0"
         return os.path.join(self._tmp_dir, f"{self._tag}-{secrets.token_hex(8)}.part")
 
     def close(self) -> None:
@@ -399,14 +207,14 @@ class Store:
             return None  # the database is busy: a miss is the safe answer
         if value is None:
             return None
-        if isinstance(value, _VaryIndex):
+        if isinstance(value, VaryIndex):
             rec = ("index", value.names)
             self.memory.put(key, rec, 64)
             return rec, False
         if not isinstance(value, tuple):
             return None
         head, body, filename = value
-        stored = _load_head(head)
+        stored = load_head(head)
         path = None if filename is None else os.path.join(self.directory, filename)
         if body is None and path is not None and (stored.body_size or 0) <= self.memory.max_object:
             try:
@@ -478,7 +286,7 @@ class Store:
         now = self.clock()
         size = stored.body_size or 0
         tag = eviction.score(now, 0, size, stale_at(stored, self.policy))
-        head = _dump_head(stored)
+        head = dump_head(stored)
         filename = None
         dropped: list[str] = []
         try:
@@ -487,15 +295,15 @@ class Store:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
                 # Same filesystem: the body appears under its final name whole, never partly.
                 os.rename(tmp, full)
-                row = _Row(MODE_FILE, pickle.dumps(head), filename, size)
+                row = Row(MODE_FILE, pickle.dumps(head), filename, size)
             else:
-                row = _Row(MODE_INLINE, pickle.dumps((head, body)), None, 0)
+                row = Row(MODE_INLINE, pickle.dumps((head, body)), None, 0)
             with self._cache.transact():
                 if names:
                     old = self._cache.get(url_key)
-                    if old != _VaryIndex(tuple(names)):
+                    if old != VaryIndex(tuple(names)):
                         dropped = self._variant_keys(url_key)
-                        index = _Row(MODE_INDEX, pickle.dumps(tuple(names)), None, 0)
+                        index = Row(MODE_INDEX, pickle.dumps(tuple(names)), None, 0)
                         self._cache.set(url_key, index, tag=now + eviction.INDEX_CREDIT)
                 else:
                     dropped = self._variant_keys(url_key)
@@ -525,9 +333,9 @@ class Store:
         if filename is None:
             if hit.body is None:
                 return False
-            blob, mode = pickle.dumps((_dump_head(stored), hit.body)), MODE_INLINE
+            blob, mode = pickle.dumps((dump_head(stored), hit.body)), MODE_INLINE
         else:
-            blob, mode = pickle.dumps(_dump_head(stored)), MODE_FILE
+            blob, mode = pickle.dumps(dump_head(stored)), MODE_FILE
         try:
             with self._cache.transact():
                 cur = self._sql(
