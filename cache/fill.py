@@ -1,0 +1,118 @@
+"""Filling an entry while its body streams to the client (see cache.store for publishing)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from cache.model import StoredResponse
+from cache.storable import expected_length
+
+if TYPE_CHECKING:
+    from cache.store import Store
+
+INLINE_MAX = 32 * 1024  # diskcache's own threshold for keeping values in SQLite
+
+
+def process_tag(pid: int) -> str | None:
+    """pid-starttime of a running process (so a reused pid is not mistaken for the old one)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f"{pid}-{int(f.read().rsplit(b')', 1)[1].split()[19])}"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return f"{pid}-0"
+
+
+class Fill:
+    """A response body being stored while it is served. write() many times, then commit() when
+    the upstream body ended normally, or abort(). Nothing is visible before commit; commit
+    publishes only a body whose length matches Content-Length (when given). Usable as a context
+    manager: leaving the block without commit aborts."""
+
+    def __init__(self, store: Store, url_key: str, stored: StoredResponse) -> None:
+        self.store = store
+        self.url_key = url_key
+        self.stored = stored
+        self.expected = expected_length(stored.headers)
+        self.received = 0
+        self.state = "open"
+        self._buf = bytearray()
+        self._file = None
+        self._tmp: str | None = None
+        if self.expected is not None and self.expected > store.max_object_size:
+            self.abort()
+
+    @property
+    def active(self) -> bool:
+        return self.state == "open"
+
+    def write(self, chunk: bytes) -> None:
+        if self.state != "open":
+            return
+        self.received += len(chunk)
+        if self.received > self.store.max_object_size or (self.expected is not None and self.received > self.expected):
+            self.abort()
+            return
+        if self._file is not None:
+            self._file.write(chunk)
+            return
+        self._buf += chunk
+        if len(self._buf) >= INLINE_MAX:
+            self._tmp = self.store._tmp_path()
+            self._file = open(self._tmp, "wb")
+            self._file.write(self._buf)
+            self._buf = bytearray()
+
+    def commit(self) -> bool:
+        """Publish the entry; False (and nothing stored) when the body is incomplete or the store
+        refused it."""
+        if self.state != "open":
+            return False
+        ok = False
+        try:
+            if self.expected is None or self.received == self.expected:
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+                stored = self.stored.with_(body_size=self.received)
+                body = bytes(self._buf) if self._tmp is None else None
+                ok = self.store._publish(self.url_key, stored, body, self._tmp)
+        finally:
+            self.state = "committed" if ok else "aborted"
+            if not ok:
+                self._discard()
+            self.store.flights.finish(self.url_key, ok)
+        return ok
+
+    def abort(self) -> None:
+        if self.state != "open":
+            return
+        self.state = "aborted"
+        self._discard()
+        self.store.flights.finish(self.url_key, False)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+        self._buf = bytearray()
+
+    def __enter__(self) -> Fill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
