@@ -13,3 +13,7 @@ async def attach_layers(server: ProxyServer) -> None:
     from webproxy.ftpgate import FtpGate
 
     server.ftp_layer = FtpGate(server)
+    if server.cfg.cache["enabled"]:
+        from webproxy.caching import CacheLayer
+
+        server.cache_layer = CacheLayer(server)

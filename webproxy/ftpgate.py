@@ -34,9 +34,10 @@ class FtpGate:
             return int(min((now - mdtm) * cfg.ftp["heuristic_fraction"], cfg.cache["heuristic_max"]))
         return int(cfg.ftp["default_ttl"])
 
-    async def open(self, req: Request, ex: Exchange, target: Target, method: str, headers: Headers) -> OriginResponse:
-        resp = FtpOriginResponse(await fetch(req.target, method, headers, self.pool), method)
-        ex.hierarchy = f"HIER_DIRECT/{target.host}"
+    async def open(self, url: str, ex: Exchange | None, target: Target, method: str, headers: Headers) -> OriginResponse:
+        resp = FtpOriginResponse(await fetch(url, method, headers, self.pool), method)
+        if ex is not None:
+            ex.hierarchy = f"HIER_DIRECT/{target.host}"
         if resp.status == 200 and resp.header("cache-control") is None:
             resp.headers.append(("Cache-Control", f"max-age={self.freshness(resp, time.time())}"))
         return resp
@@ -49,7 +50,7 @@ class FtpGate:
         headers = [(k, v) for k, v in req.headers if k.lower() not in ("host", "proxy-authorization")]
 
         async def opener(method: str, hdrs: Headers) -> OriginResponse:
-            return await self.open(req, ex, target, method, hdrs)
+            return await self.open(req.target, ex, target, method, hdrs)
 
         cache = self.server.cache_layer
         # Only anonymous fetches are shared: a user's files stay that user's.

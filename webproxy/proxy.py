@@ -167,16 +167,19 @@ class Proxy:
                     method: str | None = None) -> HttpOriginResponse:
         """Send the request upstream (streaming the client's body) and return the response head."""
         body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
+        oresp = await self.open(method or req.method, target, headers, body)
+        ex.hierarchy = f"HIER_DIRECT/{oresp.peer or target.host}"
+        return oresp
+
+    async def open(self, method: str, target: Target, headers: Headers,
+                   body: AsyncIterator[bytes] | None = None) -> HttpOriginResponse:
         upstream = self.server.upstream
         upstream.active += 1
         try:
-            resp = await upstream.request(method or req.method, target.fetch_url, headers, body,
-                                          f"{target.host}:{target.port}")
+            resp = await upstream.request(method, target.fetch_url, headers, body, f"{target.host}:{target.port}")
         finally:
             upstream.active -= 1
-        oresp = HttpOriginResponse(resp)
-        ex.hierarchy = f"HIER_DIRECT/{oresp.peer or target.host}"
-        return oresp
+        return HttpOriginResponse(resp)
 
     def via(self, version: str) -> tuple[str, str]:
         return ("Via", f"{version} {self.cfg.server['name']} (webproxy/{__version__})")

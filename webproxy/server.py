@@ -114,6 +114,29 @@ class ProxyServer:
 
         return await handle_transparent_http(self, conn, req, rw, ex, host)
 
+    def opener_for(self, url: str) -> tuple[Target, Any]:
+        """(target, opener) to fetch `url` with no client request behind it (background refresh).
+        `opener(method, headers)` sends exactly the headers given (stored Vary fields, validators)
+        plus Host and Via for http."""
+        from webproxy.httpmsg import parse_absolute
+
+        target = parse_absolute(url)
+        if target.scheme == "ftp":
+            gate = self.ftp_layer
+
+            async def ftp_opener(method: str, headers: Any) -> Any:
+                return await gate.open(url, None, target, method, headers)
+
+            return target, ftp_opener
+
+        async def http_opener(method: str, headers: Any) -> Any:
+            fields = [(k, v) for k, v in headers if k.lower() not in ("host", "via")]
+            fields.insert(0, ("Host", target.authority))
+            fields.append(self.proxy.via("1.1"))
+            return await self.proxy.open(method, target, fields)
+
+        return target, http_opener
+
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self, sockets: list[socket.socket]) -> None:
         for sock in sockets:
