@@ -134,7 +134,6 @@ class Store:
         if capacity is not None:
             settings["size_limit"] = capacity
         self._cache = _open_cache(directory, timeout, settings)
-        self._sql = self._cache._sql
         self.memory = MemoryTier(memory_capacity, memory_object_size)
         self.flights = Flights()
         self._tmp_dir = os.path.join(directory, "tmp")
@@ -151,6 +150,12 @@ class Store:
         self.clean_orphans()
 
     # --- housekeeping -----------------------------------------------------------------------
+
+    @property
+    def _sql(self) -> Callable[..., Any]:
+        # diskcache keeps one SQLite connection per thread; looking it up on each call keeps
+        # maintain() in an executor thread on that thread's own connection (inside its transaction).
+        return self._cache._sql
 
     @property
     def capacity(self) -> int:

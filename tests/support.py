@@ -40,6 +40,11 @@ class Origin:
         self.hits: Counter[str] = Counter()
         self.peers: set[tuple[str, int]] = set()
         self.requests: list[dict[str, Any]] = []
+        # /obj/{name}: responses scripted by the test (status, headers, body, delay); validators
+        # are honoured with 304, and conditional vs full answers are counted per name.
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.conditional: Counter[str] = Counter()
+        self.full: Counter[str] = Counter()
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -52,6 +57,12 @@ class Origin:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def put(self, name: str, body: bytes = b"", status: int = 200, delay: float = 0, **headers: str) -> str:
+        """Script /obj/NAME; header names use _ for - (Cache_Control=...). Returns its URL."""
+        self.objects[name] = {"status": status, "body": body, "delay": delay,
+                              "headers": {k.replace("_", "-"): v for k, v in headers.items()}}
+        return self.url(f"/obj/{name}")
 
     def reset(self) -> None:
         self.hits.clear()
@@ -120,6 +131,25 @@ class Origin:
         async def text(request: web.Request) -> web.Response:
             return web.Response(text=f"hello {request.match_info['name']}\n", headers={"Cache-Control": "no-store"})
 
+        async def obj(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            spec = self.objects[name]
+            if spec["delay"]:
+                await asyncio.sleep(spec["delay"])
+            headers = dict(spec["headers"])
+            inm = request.headers.get("If-None-Match")
+            ims = request.headers.get("If-Modified-Since")
+            if inm or ims:
+                self.conditional[name] += 1
+                etag, lm = headers.get("ETag"), headers.get("Last-Modified")
+                if (inm and etag and inm.strip() == etag) or (not inm and ims and lm and ims == lm):
+                    keep = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+                    return web.Response(status=304, headers=keep)
+            if request.method in ("GET", "HEAD"):
+                self.full[name] += 1
+            return web.Response(status=spec["status"], body=spec["body"], headers=headers)
+
+        self.route("*", "/obj/{name}", obj)
         self.route("*", "/echo{tail:.*}", echo)
         self.route("*", "/upload", upload)
         self.route("GET", "/stream/{n}", stream)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 
 import pytest
 
@@ -21,6 +22,9 @@ def ftp_tree(tmp_path_factory):
     (root / "pub" / "notes.txt").write_bytes(b"notes\n")
     (root / "pub" / "sub" / "deep file.txt").write_bytes(b"deep\n")
     (home / "private.txt").write_bytes(b"alice only\n")
+    month_ago = time.time() - 30 * 86400  # old files earn heuristic freshness (10% of their age)
+    for path in [*root.rglob("*"), *home.rglob("*")]:
+        os.utime(path, (month_ago, month_ago))
     return root, home
 
 
@@ -92,3 +96,43 @@ def test_ftp_put_is_405(proxy, ftpd):
 def test_ftp_unreachable_server_is_502(proxy):
     r = curl("-x", proxy.url, "-i", "ftp://127.0.0.1:9/x")
     assert r.stdout.startswith(b"HTTP/1.1 502")
+
+
+def test_second_ftp_download_comes_from_the_cache(make_proxy, ftpd, ftp_tree):
+    p = make_proxy({"refresh": {"enabled": False}})
+    url = f"{ftpd.url}/pub/notes.txt"
+    assert curl("-x", p.url, url).stdout == b"notes\n"
+    retr = ftpd.stats.retr
+    r = curl("-x", p.url, "-i", url)
+    assert r.stdout.endswith(b"\r\n\r\nnotes\n")
+    assert b"x-cache: hit" in r.stdout.lower()
+    assert ftpd.stats.retr == retr
+    assert "TCP_MEM_HIT/200" in p.access_lines(wait_for=2)[-1]
+
+
+def test_changed_ftp_file_is_refetched_after_its_freshness_ends(make_proxy, ftpd, ftp_tree):
+    # default_ttl 0 and a tiny heuristic fraction: every request revalidates (If-Modified-Since -> MDTM)
+    p = make_proxy({"refresh": {"enabled": False}, "ftp": {"heuristic_fraction": 0.0, "default_ttl": 0.0}})
+    path = ftp_tree[0] / "pub" / "changing.txt"
+    path.write_bytes(b"first\n")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    url = f"{ftpd.url}/pub/changing.txt"
+    assert curl("-x", p.url, url).stdout == b"first\n"
+    retr = ftpd.stats.retr
+    assert curl("-x", p.url, url).stdout == b"first\n"
+    assert ftpd.stats.retr == retr  # unchanged MDTM: 304 from the FTP side, body from the cache
+    assert "TCP_REFRESH_UNMODIFIED" in p.access_lines(wait_for=2)[-1]
+    path.write_bytes(b"second version\n")
+    assert curl("-x", p.url, url).stdout == b"second version\n"
+    assert ftpd.stats.retr == retr + 1
+    assert "TCP_REFRESH_MODIFIED" in p.access_lines(wait_for=3)[-1]
+
+
+def test_webproxy_purge_works_on_ftp_urls(make_proxy, ftpd):
+    from tests.test_cache_proxy import run_cli
+
+    p = make_proxy({"refresh": {"enabled": False}})
+    url = f"{ftpd.url}/pub/notes.txt"
+    curl("-x", p.url, url)
+    r = run_cli("purge", "-c", str(p.config_path), url)
+    assert r.returncode == 0 and url in r.stdout
