@@ -232,6 +232,7 @@ class Proxy:
             return self._error(rw, ex, r.status, r.message, close=True)
         if req.body is not None and isinstance(req.body.error, ClientGone):
             raise req.body.error
+        self.server.log_error(f"{e.status} for {req.method} {req.target[:200]}: {e.message}", "info")
         return self._error(rw, ex, e.status, e.message)
 
     def answer_max_forwards(self, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:

@@ -88,7 +88,11 @@ class ProxyServer:
         self.accesslog.log(item.start, conn.client_ip, "TAG_NONE", item.status, 0, "NONE",
                            "error:invalid-request", ctype="text/plain")
 
-    def log_error(self, message: str) -> None:
+    _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+    def log_error(self, message: str, level: str = "error") -> None:
+        if self._LEVELS[level] < self._LEVELS[self.cfg.log["level"]]:
+            return
         print(f"{time.strftime('%Y/%m/%d %H:%M:%S')} webproxy: {message}", file=sys.stderr, flush=True)
 
     def status_rows(self) -> list[tuple[str, str]]:
