@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from cache import conditional, invalidation, logtags
 from cache.decision import Action, Decision, decide, head_for, respond
+from cache.freshness import age_header_value
 from cache.key import BadURL, cache_key
 from cache.model import Request as CacheRequest
 from cache.storable import is_storable, make_stored
 from cache.store import Hit, open_store
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
-from webproxy.httpmsg import Headers, Target
+from webproxy.httpmsg import Headers, Target, serialize_head
 from webproxy.origin import OriginResponse
 from webproxy.proxy import Exchange
 from webproxy.upstream import UpstreamError
@@ -54,8 +55,9 @@ class CacheLayer:
 
     # ---- entry point --------------------------------------------------------------------------
     async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange,
-                     target: Target, headers: Headers, opener: Opener) -> bool | None:
-        """Answer `req` through the cache; None means: not a cache matter, forward it plainly."""
+                     target: Target, lazy_headers: Headers | Callable[[], Headers], opener: Opener) -> bool | None:
+        """Answer `req` through the cache; None means: not a cache matter, forward it plainly.
+        `lazy_headers`: the headers to send upstream, or a function that builds them."""
         method = req.method
         try:
             key = cache_key(target.origin_url)
@@ -66,12 +68,16 @@ class CacheLayer:
         if method not in ("GET", "HEAD"):
             if method in SAFE:
                 return None
+            headers = lazy_headers() if callable(lazy_headers) else lazy_headers
             return await self.unsafe(req, rw, ex, target, headers, opener)
         now = time.time()
         rq = CacheRequest(method, target.origin_url, req.headers)
         hit = self.store.lookup(key, req.headers)
         d = decide(rq, hit.stored if hit else None, now, self.store.policy)
         action = d.action
+        if action is Action.HIT and hit is not None and hit.body is not None and d.status == 200:
+            return self.serve_fast(rw, ex, hit, now)
+        headers = lazy_headers() if callable(lazy_headers) else lazy_headers
         if action is Action.HIT or action is Action.STALE_WHILE_REVALIDATE:
             assert hit is not None
             if action is Action.STALE_WHILE_REVALIDATE:
@@ -113,6 +119,27 @@ class CacheLayer:
         ex.ctype = next((v for k, v in out if k.lower() == "content-type"), None)
         rw.start(status, reason, out, length, has_body=status not in (304, 416))
         return length
+
+    def serve_fast(self, rw: ResponseWriter, ex: Exchange, hit: Hit, now: float) -> bool:
+        """The hot path: a plain 200 hit from memory. Its head is serialized once per stored
+        response; each hit only adds Age (and Connection when needed)."""
+        stored = hit.stored
+        head = stored.memo.get("wire_head")
+        if head is None:
+            status, reason, fields = head_for(Decision(Action.HIT, stored, 200), now)
+            fields = [(k, v) for k, v in fields if k.lower() != "age"]
+            fields.append(self.server.proxy.via("1.1"))
+            fields.append(("X-Cache", f"HIT from {self.name}"))
+            head = stored.memo["wire_head"] = serialize_head(status, reason, fields)[:-2]
+            stored.memo["ctype"] = next((v for k, v in fields if k.lower() == "content-type"), None)
+        ex.status = 200
+        ex.code = "TCP_MEM_HIT" if hit.in_memory else "TCP_HIT"
+        ex.ctype = stored.memo["ctype"]
+        body = hit.body or b""
+        rw.start_raw(head + b"Age: %d\r\n" % int(float(age_header_value(stored, now))), len(body))
+        rw.write(body)
+        self.store.count_hit(0 if rw.no_body else len(body), memory=hit.in_memory)
+        return rw.end()
 
     def serve(self, req: Request, rw: ResponseWriter, ex: Exchange, hit: Hit, d: Decision, now: float,
               tag: str | None = None) -> bool:

@@ -514,32 +514,40 @@ class ResponseWriter:
 
     def start(self, status: int, reason: str, headers: Headers, length: int | None, has_body: bool = True) -> None:
         """Write the head. `headers` must be end-to-end only; `length` None means unknown."""
-        conn, req = self.conn, self.req
-        keep = conn.request_keep_alive(req)
+        req = self.req
         self.no_body = not has_body or req.method == "HEAD" or status in (204, 304) or status < 200
         if self.no_body:
             if length is not None and status >= 200 and status != 204:
                 headers.append(("Content-Length", str(length)))  # what a GET would carry: HEAD's news
-        else:
-            if length is not None:
-                headers.append(("Content-Length", str(length)))
-                self.remaining = length
-            elif req.version == "1.1":
-                headers.append(("Transfer-Encoding", "chunked"))
-                self.chunked = True
-            else:
-                keep = False  # an HTTP/1.0 client learns the end of the body from the close
+        elif length is not None:
+            headers.append(("Content-Length", str(length)))
+            self.remaining = length
+        elif req.version == "1.1":
+            headers.append(("Transfer-Encoding", "chunked"))
+            self.chunked = True
+        head = serialize_head(status, reason or reason_phrase(status), headers)[:-2]
+        self._finish_head(head, close_delimited=not self.no_body and length is None and req.version != "1.1")
+
+    def start_raw(self, head: bytes, length: int) -> None:
+        """Like start() for a head already serialized with its Content-Length (all but the
+        Connection field and the blank line): the cache's hot path."""
+        self.no_body = self.req.method == "HEAD"
+        self.remaining = length
+        self._finish_head(head, close_delimited=False)
+
+    def _finish_head(self, head: bytes, close_delimited: bool) -> None:
+        conn, req = self.conn, self.req
+        keep = conn.request_keep_alive(req) and not close_delimited
         self.keep_alive = keep
         if req.version == "1.0":
-            if keep:
-                headers.append(("Connection", "keep-alive"))
-            else:
-                headers.append(("Connection", "close"))
+            head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
         elif not keep:
-            headers.append(("Connection", "close"))
-        self._head = serialize_head(status, reason or reason_phrase(status), headers)
+            head += b"Connection: close\r\n\r\n"
+        else:
+            head += b"\r\n"
+        self._head = head
         conn.response_started = True
-        self.nbytes += len(self._head)
+        self.nbytes += len(head)
 
     def write(self, data: bytes) -> None:
         """Queue body bytes without waiting for the client to drain them (small bodies)."""

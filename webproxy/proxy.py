@@ -150,17 +150,24 @@ class Proxy:
         refused = self.check_target(req, rw, ex, target)
         if refused is not None:
             return refused
-        headers = self.request_headers(req, target, conn)
-        if headers is None:
-            return self.answer_max_forwards(req, rw, ex)
+        headers: Headers | None = None
+        if req.method in ("TRACE", "OPTIONS"):
+            headers = self.request_headers(req, target, conn)
+            if headers is None:
+                return self.answer_max_forwards(req, rw, ex)
         cache = self.server.cache_layer
         if cache is not None and cacheable:
             async def opener(method: str, hdrs: Headers) -> OriginResponse:
                 return await self.fetch(req, ex, target, hdrs, method)
 
-            handled = await cache.handle(conn, req, rw, ex, target, headers, opener)
+            # The forwarded headers are only built when something goes upstream: a hit never needs them.
+            handled = await cache.handle(conn, req, rw, ex, target,
+                                         lambda: headers or self.request_headers(req, target, conn), opener)
             if handled is not None:
                 return handled
+        if headers is None:
+            headers = self.request_headers(req, target, conn)
+            assert headers is not None
         return await self.forward(req, rw, ex, target, headers)
 
     async def fetch(self, req: Request, ex: Exchange, target: Target, headers: Headers,
