@@ -33,7 +33,7 @@ class Action(StrEnum):
     PASS = "PASS"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     action: Action
     stored: StoredResponse | None = None

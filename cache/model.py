@@ -41,7 +41,7 @@ def without(headers: Headers, names: set[str]) -> Headers:
     return [(k, v) for k, v in headers if k.lower() not in names]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     method: str
     url: str

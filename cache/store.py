@@ -58,7 +58,7 @@ GEN_CHECK_INTERVAL = 1.0
 _HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     """A stored response found for a request. The body is `body` when it is in memory, else the
     open `file` (send `stored.body_size` bytes from `offset`, with sendfile where possible).

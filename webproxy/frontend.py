@@ -159,6 +159,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._reset_message()
 
@@ -186,7 +187,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._disarm_idle()
+        self._cancel_idle()
         gone = ClientGone("client closed the connection")
         for item in self.pending:
             if isinstance(item, Request) and item.body is not None:
@@ -400,21 +401,40 @@ class ClientConnection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _arm_idle(self) -> None:
-        self._disarm_idle()
-        timeout = self.server.cfg.server["idle_timeout"]
-        if timeout:
-            self._idle = self.loop.call_later(timeout, self._on_idle)
+        # One timer per connection, re-armed lazily: each request only stamps the time, and the
+        # timer, when it fires early, sleeps again for the rest (no timer churn per request).
+        self._idle_since = self.loop.time()
+        if self._idle is None:
+            timeout = self.server.cfg.server["idle_timeout"]
+            if timeout:
+                self._idle = self.loop.call_at(self._idle_since + timeout, self._on_idle)
 
     def _disarm_idle(self) -> None:
+        self._idle_since = None
+
+    def _cancel_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
 
     def _on_idle(self) -> None:
         self._idle = None
-        if not self.busy and not self.pending:
-            self.close()
-            self._wake()
+        if self.closed:
+            return
+        timeout = self.server.cfg.server["idle_timeout"]
+        since = self._idle_since
+        if since is None or self.busy or self.pending:
+            since = self.loop.time()  # in use: look again a full timeout from now
+            if not (self.busy or self.pending):
+                self._idle_since = since
+        deadline = since + timeout
+        if timeout and self.loop.time() < deadline:
+            self._idle = self.loop.call_at(deadline, self._on_idle)
+            return
+        if not timeout:
+            return
+        self.close()
+        self._wake()
 
     async def _serve(self) -> None:
         try:
@@ -450,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
             pass
         finally:
             self.busy = False
-            self._disarm_idle()
+            self._cancel_idle()
             if not self.closed and self.transport is not None:
                 self.transport.close()
                 self.closed = True

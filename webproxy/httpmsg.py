@@ -57,7 +57,7 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     return [(k, v) for k, v in headers if (lk := k.lower()) not in HOP_BY_HOP and lk not in named]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Target:
     """An absolute-form request target, split without re-quoting anything."""
 
