@@ -211,9 +211,16 @@ class Proxy:
         try:
             rw.start(resp.status, resp.reason, headers, resp.length)
             if not rw.no_body:
+                received = 0
                 async for chunk in resp.chunks():
                     if sink is not None:
                         sink.write(chunk)
+                        received += len(chunk)
+                        if received == resp.length:
+                            # Publish before the client has the last byte: its next request (maybe to
+                            # another worker process) must find the entry.
+                            sink.commit()
+                            sink = None
                     await rw.send(chunk)
             clean = True
             if sink is not None:
