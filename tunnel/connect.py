@@ -63,7 +63,7 @@ async def _addresses(host: str, port: int, resolve: Resolver | None) -> list[str
         else:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             addrs = [info[4][0] for info in infos]
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         raise UpstreamDNSError(host, port, f"cannot resolve host name ({e.strerror or e})") from None
     except Exception as e:  # third-party resolvers raise their own types (aiodns.error.DNSError)
         raise UpstreamDNSError(host, port, f"cannot resolve host name ({e})") from None
@@ -87,7 +87,7 @@ async def open_upstream(host: str, port: int, *, timeout: float,
     deadline = loop.time() + timeout
     try:
         addrs = await asyncio.wait_for(_addresses(host, port, resolve), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamTimeout(host, port, f"name resolution took longer than {timeout:g}s") from None
     last: UpstreamError | None = None
     for addr in addrs:
@@ -108,7 +108,7 @@ async def open_upstream(host: str, port: int, *, timeout: float,
                 sock.bind(local_addr)
             await asyncio.wait_for(loop.sock_connect(sock, (addr, port)), left)
             return sock
-        except asyncio.TimeoutError:
+        except TimeoutError:
             sock.close()
             last = UpstreamTimeout(host, port, f"no answer to connect within {timeout:g}s")
         except ConnectionRefusedError:

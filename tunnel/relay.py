@@ -209,8 +209,8 @@ class _Direction:
                 return
 
     def _read_splice(self) -> None:
-        r, w = self.pipe
-        src, dst, size = self.src, self.dst, self.size
+        w = self.pipe[1]
+        src, size = self.src, self.size
         for _ in range(_BURST):
             try:
                 n = os.splice(src, w, size, flags=_SPLICE_FLAGS)
