@@ -79,12 +79,14 @@ def fmt_addr(addr: Any) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def log_line(client: Any, upstream: str, result: RelayResult | None, ended: str | None = None) -> str:
+def log_line(client: Any, upstream: str, result: RelayResult | None, ended: str | None = None,
+             kind: str = "tunnel") -> str:
+    """One line per bridge: client, upstream, bytes each way (up = client to upstream), duration, end."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if result is None:
-        return (f"{stamp} tunnel client={fmt_addr(client)} upstream={upstream} up=0 down=0 "
+        return (f"{stamp} {kind} client={fmt_addr(client)} upstream={upstream} up=0 down=0 "
                 f"duration=0.000s end={ended}")
-    return (f"{stamp} tunnel client={fmt_addr(client)} upstream={upstream} "
+    return (f"{stamp} {kind} client={fmt_addr(client)} upstream={upstream} "
             f"up={result.client_to_upstream} down={result.upstream_to_client} "
             f"duration={result.duration:.3f}s end={ended or result.ended}")
 
