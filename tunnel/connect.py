@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from tunnel.origdst import set_transparent
@@ -45,6 +46,7 @@ class UpstreamUnreachable(UpstreamError):
     kind = "unreachable"
 
 
+@lru_cache(maxsize=1024)
 def _ip_literal(host: str) -> str | None:
     try:
         return str(ipaddress.ip_address(host.strip("[]")))
@@ -53,9 +55,6 @@ def _ip_literal(host: str) -> str | None:
 
 
 async def _addresses(host: str, port: int, resolve: Resolver | None) -> list[str]:
-    literal = _ip_literal(host)
-    if literal is not None:
-        return [literal]
     try:
         if resolve is not None:
             found = await resolve(host, port)
@@ -63,7 +62,7 @@ async def _addresses(host: str, port: int, resolve: Resolver | None) -> list[str
         else:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             addrs = [info[4][0] for info in infos]
-    except (TimeoutError, OSError) as e:
+    except OSError as e:
         raise UpstreamDNSError(host, port, f"cannot resolve host name ({e.strerror or e})") from None
     except Exception as e:  # third-party resolvers raise their own types (aiodns.error.DNSError)
         raise UpstreamDNSError(host, port, f"cannot resolve host name ({e})") from None

@@ -14,11 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, open_upstream
-from tunnel.relay import RelayResult, relay
+from tunnel.relay import DEFAULT_BUFFER, RelayResult, relay
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
@@ -36,6 +37,7 @@ class ForwarderSettings:
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0  # 0 = none
     engine: str | None = None  # relay engine; None = tunnel.relay.DEFAULT_ENGINE
+    buffer_size: int = DEFAULT_BUFFER  # per direction
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> ForwarderSettings:
@@ -47,7 +49,12 @@ class ForwarderSettings:
 # -- decisions ----------------------------------------------------------------------------------
 
 def client_ip(addr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(addr[0].split("%")[0])
+    return _parse_ip(addr[0])
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(host.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return ip.ipv4_mapped
     return ip
@@ -204,7 +211,7 @@ class Forwarder:
             upstream_name = fmt_addr(self.s.upstreams[i])
             try:
                 result = await relay(sock, upstream, idle_timeout=self.s.idle_timeout or None,
-                                     engine=self.s.engine)
+                                     engine=self.s.engine, buffer_size=self.s.buffer_size)
             finally:
                 self.per_upstream[i] -= 1
             self.log(log_line(addr, upstream_name, result))

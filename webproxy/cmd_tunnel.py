@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="close a bridge after this long without traffic (0 = never)")
     p.add_argument("--relay-engine", choices=ENGINES, default=None,
-                   help="byte-moving engine (default: splice on Linux)")
+                   help="byte-moving engine: copy (default) or splice (Linux zero-copy)")
+    p.add_argument("--buffer-size", type=int, default=None, metavar="BYTES",
+                   help="relay buffer per direction (default 262144)")
 
 
 class UsageError(Exception):
@@ -101,7 +103,7 @@ def _bind_problem(e: OSError, listen: tuple[str, int]) -> str:
     return f"cannot listen on {where}: {e.strerror or e}"
 
 
-async def _run(entries: list[dict[str, Any]], engine: str | None) -> int:
+async def _run(entries: list[dict[str, Any]], engine: str | None, buffer_size: int | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,6 +117,8 @@ async def _run(entries: list[dict[str, Any]], engine: str | None) -> int:
             print(f"webproxy tunnel: listening on {f.address[0]}:{f.address[1]} -> {ups}",
                   file=sys.stderr, flush=True)
 
+    if buffer_size:
+        entries = [{**e, "buffer_size": buffer_size} for e in entries]
     serve = asyncio.ensure_future(serve_forwarders(entries, engine=engine, started=started))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([serve, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -142,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            return runner.run(_run(entries, args.relay_engine))
+            return runner.run(_run(entries, args.relay_engine, args.buffer_size))
     except OSError as e:
         listen = next((en["listen"] for en in entries if _matches(e, en)), entries[0]["listen"])
         print(f"webproxy tunnel: {_bind_problem(e, listen)}", file=sys.stderr)
