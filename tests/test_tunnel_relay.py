@@ -325,3 +325,63 @@ def test_admit_checks_network_then_limits():
     assert admit(lo, s.allow_clients, 2, 0, s) == "refused-full"
     assert admit(lo, s.allow_clients, 1, 1, s) == "refused-per-client-limit"
     assert admit(lo, s.allow_clients, 1, 0, s) is None
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_socket_detached_from_transport_relays_pipelined_bytes(loop_kind):
+    """As the CONNECT handler does it: a Protocol reads a head plus pipelined bytes, then hands the
+    socket (dup'ed from its transport) and those bytes to relay()."""
+    from tunnel.relay import detach_socket
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        origin = socket.create_server(("127.0.0.1", 0))
+        origin.setblocking(False)
+        results = []
+
+        class Front(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport, self.buf = transport, b""
+
+            def data_received(self, data):
+                self.buf += data
+                if b"\n" in self.buf:
+                    head, _, rest = self.buf.partition(b"\n")
+                    sock = detach_socket(self.transport)
+
+                    async def go():
+                        up = await open_upstream("127.0.0.1", origin.getsockname()[1], timeout=5)
+                        await loop.sock_sendall(sock, b"OK " + head + b"\n")
+                        results.append(await relay(sock, up, client_initial=rest))
+                    asyncio.ensure_future(go())
+
+        server = await loop.create_server(Front, "127.0.0.1", 0)
+        try:
+            client = socket.socket()
+            client.setblocking(False)
+            await loop.sock_connect(client, server.sockets[0].getsockname())
+            await loop.sock_sendall(client, b"CONNECT x\npipelined-")
+            conn, _ = await loop.sock_accept(origin)
+            await loop.sock_sendall(client, b"more")
+            client.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(recv_all(conn), WAIT) == b"pipelined-more"
+            await loop.sock_sendall(conn, b"reply")
+            conn.close()
+            assert await asyncio.wait_for(recv_all(client), WAIT) == b"OK CONNECT x\nreply"
+            client.close()
+        finally:
+            server.close()
+            origin.close()
+        async def finished():
+            while not results:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(finished(), WAIT)
+        assert results[0].ended == "closed"
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            r.run(main())
+    else:
+        with asyncio.Runner() as r:
+            r.run(main())

@@ -322,3 +322,19 @@ async def relay(client: socket.socket, upstream: socket.socket, *, client_initia
             d.stop()
         _close_quietly(client)
         _close_quietly(upstream)
+
+
+def detach_socket(transport: asyncio.BaseTransport) -> socket.socket:
+    """Take the connected socket away from an asyncio transport, for relay().
+
+    The fd is duplicated and the transport aborted: the transport's close only drops its own fd,
+    so the connection stays open on the duplicate. Bytes the transport has already read belong to
+    the protocol; pass them as `client_initial`. Works with the default loop and with uvloop.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise ValueError("this transport has no socket")
+    dup = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+    dup.setblocking(False)
+    transport.abort()
+    return dup
