@@ -1,6 +1,10 @@
 """Transparent mode for real: network namespaces, veth pairs, iptables REDIRECT and TPROXY.
 
     client ns 10.200.1.2 --veth-- 10.200.1.1 gateway ns 10.200.2.1 --veth-- 10.200.2.2 server ns
+              fd00:200:1::2           fd00:200:1::1      fd00:200:2::1          fd00:200:2::2
+
+The REDIRECT listener is one dual-stack socket on [::]:3129 (IPv4 clients arrive v4-mapped), so
+both SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST are exercised.
 
 The gateway namespace runs the transparent listener (a subprocess under `ip netns exec`) with the
 rules from conf/iptables-*.sh; the client and the servers are sockets of this test process created
@@ -31,6 +35,7 @@ CLONE_NEWNET = 0x40000000
 REDIRECT_PORT, TPROXY_PORT = 3129, 3130
 PROXY_PORT = 3128  # stands for the proxy's explicit listener in the loop test
 CLIENT, GW_C, GW_S, SERVER = "10.200.1.2", "10.200.1.1", "10.200.2.1", "10.200.2.2"
+CLIENT6, GW_C6, GW_S6, SERVER6 = "fd00:200:1::2", "fd00:200:1::1", "fd00:200:2::1", "fd00:200:2::2"
 
 
 def _skip_reason() -> str | None:
@@ -83,9 +88,9 @@ class BannerEcho:
     def __init__(self, ns: str, ports: list[int]):
         self.socks = []
         for port in ports:
-            s = ns_socket(ns)
+            s = ns_socket(ns, socket.AF_INET6)  # dual-stack: serves IPv4 and IPv6
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", port))
+            s.bind(("::", port))
             s.listen(64)
             self.socks.append(s)
             threading.Thread(target=self._accept, args=(s,), daemon=True).start()
@@ -102,7 +107,8 @@ class BannerEcho:
     def _serve(c, addr):
         with c:
             try:
-                c.sendall(f"SSH-2.0-test peer={addr[0]}\r\n".encode())
+                peer = addr[0].removeprefix("::ffff:")
+                c.sendall(f"SSH-2.0-test peer={peer}\r\n".encode())
                 while data := c.recv(65536):
                     c.sendall(data)
             except OSError:
@@ -130,7 +136,8 @@ async def on_http(sock, initial, orig_dst, client):
     sock.close()
 
 async def main(mode, port, spoof):
-    lst = TransparentListener([("0.0.0.0", port)], on_http=on_http, mode=mode, sniff_timeout=0.3,
+    host = "::" if mode == "redirect" else "0.0.0.0"
+    lst = TransparentListener([(host, port)], on_http=on_http, mode=mode, sniff_timeout=0.3,
                               connect_timeout=5, spoof_client_address=spoof,
                               own_listeners=[("0.0.0.0", %(proxy)d)], log=lambda l: print(l, flush=True))
     lst.start()
@@ -174,17 +181,21 @@ def topology():
             in_ns(ns, "ip", "link", "set", "lo", "up")
         sh("ip", "link", "add", f"vc{tag}a", "netns", c, "type", "veth", "peer", "name", f"vc{tag}b", "netns", g)
         sh("ip", "link", "add", f"vs{tag}a", "netns", s, "type", "veth", "peer", "name", f"vs{tag}b", "netns", g)
-        for ns, dev, addr in ((c, f"vc{tag}a", CLIENT), (g, f"vc{tag}b", GW_C),
-                              (g, f"vs{tag}b", GW_S), (s, f"vs{tag}a", SERVER)):
+        for ns, dev, addr, addr6 in ((c, f"vc{tag}a", CLIENT, CLIENT6), (g, f"vc{tag}b", GW_C, GW_C6),
+                                     (g, f"vs{tag}b", GW_S, GW_S6), (s, f"vs{tag}a", SERVER, SERVER6)):
             in_ns(ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+            in_ns(ns, "ip", "-6", "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
             in_ns(ns, "ip", "link", "set", dev, "up")
         in_ns(c, "ip", "route", "add", "default", "via", GW_C)
         in_ns(s, "ip", "route", "add", "default", "via", GW_S)
+        in_ns(c, "ip", "-6", "route", "add", "default", "via", GW_C6)
+        in_ns(s, "ip", "-6", "route", "add", "default", "via", GW_S6)
         for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0"):
+                    "net.ipv4.conf.default.rp_filter=0", "net.ipv6.conf.all.forwarding=1"):
             in_ns(g, "sysctl", "-q", "-w", key)
         # The shipped scripts, run inside the gateway namespace.
-        env = {"PROXY_PORT": str(REDIRECT_PORT), "CLIENT_IF": f"vc{tag}b", "PORTS": f"22,80,7000,{PROXY_PORT}"}
+        env = {"PROXY_PORT": str(REDIRECT_PORT), "CLIENT_IF": f"vc{tag}b", "PORTS": f"22,80,7000,{PROXY_PORT}",
+               "IPV6": "1"}
         in_ns(g, "env", *[f"{k}={v}" for k, v in env.items()], "sh", str(ROOT / "conf/iptables-redirect.sh"), "start")
         env = {"PROXY_PORT": str(TPROXY_PORT), "CLIENT_IF": f"vc{tag}b", "PORTS": "2222,8080"}
         in_ns(g, "env", *[f"{k}={v}" for k, v in env.items()], "sh", str(ROOT / "conf/iptables-tproxy.sh"), "start")
@@ -215,7 +226,7 @@ def topology():
 
 
 def client_connect(topo, host: str, port: int) -> socket.socket:
-    s = ns_socket(topo["client"])
+    s = ns_socket(topo["client"], socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.settimeout(WAIT)
     s.connect((host, port))
     return s
@@ -283,6 +294,18 @@ def test_redirect_hands_http_request_to_front_end_with_original_destination(topo
     assert seen["orig_dst"] == [SERVER, 80]
     assert seen["client"] == CLIENT
     assert seen["initial"].startswith("GET /hello?x=1 HTTP/1.1\r\nHost: origin.test\r\n")
+
+
+def test_redirect_over_ipv6_relays_raw_bytes_byte_exact(topology):
+    with client_connect(topology, SERVER6, 22) as s:
+        assert read_line(s) == f"SSH-2.0-test peer={GW_S6}\r\n".encode()
+        echo_roundtrip(s)
+
+
+def test_redirect_over_ipv6_hands_http_request_with_original_destination(topology):
+    seen = http_get(topology, SERVER6, 80, "/six")
+    assert seen["orig_dst"] == [SERVER6, 80]
+    assert seen["client"] == CLIENT6
 
 
 def test_redirect_refuses_connection_whose_destination_is_our_own_listener(topology):

@@ -39,10 +39,16 @@ def redirect_original_dst(sock: socket.socket) -> tuple[str, int]:
     return parse_sockaddr(sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))
 
 
+def _plain(host: str) -> str:
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]  # IPv4 client on a dual-stack socket
+    return host
+
+
 def tproxy_original_dst(sock: socket.socket) -> tuple[str, int]:
     """With TPROXY the accepted socket is bound to the address the client asked for."""
     host, port = sock.getsockname()[:2]
-    return host, port
+    return _plain(host), port
 
 
 def original_dst(sock: socket.socket, mode: str) -> tuple[str, int]:
@@ -54,7 +60,7 @@ def original_dst(sock: socket.socket, mode: str) -> tuple[str, int]:
         return redirect_original_dst(sock)
     except OSError:
         host, port = sock.getsockname()[:2]
-        return host, port
+        return _plain(host), port
 
 
 def set_transparent(sock: socket.socket) -> None:

@@ -156,7 +156,8 @@ class TransparentListener:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def _on_accept(self, sock: socket.socket, addr: Any) -> None:
-        task = asyncio.ensure_future(self._handle(sock, addr))
+        # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; callers want plain a.b.c.d.
+        task = asyncio.ensure_future(self._handle(sock, (_norm(addr[0]), addr[1])))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
