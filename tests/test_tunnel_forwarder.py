@@ -356,3 +356,14 @@ def test_no_fd_leak_after_stress_with_resets_and_unreachable_upstreams(forwarder
     assert fw.proc.poll() is None
     after = _fd_count(fw.proc.pid)
     assert after == before, f"fds before {before}, after {after}"
+
+
+@pytest.mark.parametrize("name", ["tunnel-forwarder.toml", "transparent-gateway.toml"])
+def test_shipped_example_configs_are_valid(name):
+    from webproxy import config
+
+    cfg = config.load(str(ROOT / "conf" / name))
+    if name.startswith("tunnel"):
+        assert [t["listen"] for t in cfg.tunnel] == [("0.0.0.0", 8080), ("127.0.0.1", 2222)]
+    else:
+        assert cfg.transparent["listen"] == [("::", 3129)]

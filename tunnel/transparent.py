@@ -170,7 +170,8 @@ class TransparentListener:
             if left <= 0:
                 break
             try:
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, self.sniff_bytes - len(data)), left)
+                async with asyncio.timeout(left):
+                    chunk = await loop.sock_recv(sock, self.sniff_bytes - len(data))
             except TimeoutError:
                 break
             if not chunk:
