@@ -270,15 +270,35 @@ def test_clients_outside_allowed_networks_are_denied(forwarder, upstreams):
         assert banner(s) == b"A"
 
 
-def test_sigterm_stops_forwarder_with_exit_0(forwarder, upstreams):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_forwarder_with_exit_0(forwarder, upstreams, sig):
     a = upstreams("A")
     fw = forwarder("127.0.0.1:0", a.addr)
     port = fw.wait_listening()[0]
     held = connect(port)
     assert banner(held) == b"A"
+    fw.proc.send_signal(sig)
     assert fw.stop() == 0
     assert held.recv(1) == b""  # the open bridge was closed too
     held.close()
+
+
+def test_idle_bridge_is_closed_after_idle_timeout(forwarder, upstreams):
+    a = upstreams("A")
+    fw = forwarder("127.0.0.1:0", a.addr, "--idle-timeout", "0.3")
+    port = fw.wait_listening()[0]
+    with connect(port) as s:
+        assert banner(s) == b"A"
+        assert s.recv(1) == b""  # nobody talks: the forwarder closes the bridge
+    fw.next_line(r"up=0 down=2 duration=\S+ end=idle-timeout")
+
+
+def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
+    conf = tmp_path / "bad.toml"
+    conf.write_text('[[tunnel]]\nlisten = "127.0.0.1:0"\nupstreams = ["127.0.0.1:9"]\nbalance = "random"\n')
+    p = subprocess.run([*CLI, "-c", str(conf)], cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "tunnel[0].balance" in p.stderr, p.stderr
 
 
 def test_port_in_use_is_one_line_and_exit_2():

@@ -136,7 +136,7 @@ async def _run(entries: list[dict[str, Any]], engine: str | None, buffer_size: i
 def main(args: argparse.Namespace) -> int:
     try:
         entries = _entries_from_args(args)
-    except UsageError as e:
+    except (UsageError, config.ConfigError) as e:
         print(f"webproxy tunnel: {e}", file=sys.stderr)
         return 2
     try:
