@@ -32,6 +32,15 @@ def engine(request):
     return request.param
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request):
+    """Every async test runs on both loops: the proxy uses uvloop when it is installed."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @pytest.fixture
 def listener():
     ls = socket.create_server(("127.0.0.1", 0))
