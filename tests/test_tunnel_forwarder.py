@@ -278,7 +278,7 @@ def test_signal_stops_forwarder_with_exit_0(forwarder, upstreams, sig):
     held = connect(port)
     assert banner(held) == b"A"
     fw.proc.send_signal(sig)
-    assert fw.stop() == 0
+    assert fw.proc.wait(WAIT) == 0
     assert held.recv(1) == b""  # the open bridge was closed too
     held.close()
 
