@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -210,7 +211,8 @@ def topology():
             assert line.strip() == "READY", p.stderr.read()
             logs[mode] = queue.Queue()
             threading.Thread(target=_pump, args=(p.stdout, logs[mode]), daemon=True).start()
-        yield {"client": c, "gateway": g, "server": s, "logs": logs}
+        pids = {mode: p.pid for mode, p in zip(("redirect", "tproxy"), procs, strict=True)}
+        yield {"client": c, "gateway": g, "server": s, "logs": logs, "pids": pids}
     finally:
         for p in procs:
             p.terminate()
@@ -376,3 +378,52 @@ def test_gateway_scripts_stop_removes_every_rule_they_added():
             assert state() == before == []
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _rst_close(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_gateway_keeps_no_fds_after_stress_with_resets_and_refusals(topology):
+    pid = topology["pids"]["redirect"]
+    assert "python" in Path(f"/proc/{pid}/cmdline").read_text()  # `ip netns exec` execs in place
+    with client_connect(topology, SERVER, 7000) as s:  # warm-up, so lazily made objects are in the baseline
+        s.sendall(b"warm")
+        s.shutdown(socket.SHUT_WR)
+        recv_all(s)
+    gateway_log(topology, "redirect", rf"upstream={SERVER}:7000 .*end=closed")
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+
+    logged = 0
+    for i in range(150):
+        kind = i % 5
+        if kind == 0:  # raw relay, half-close
+            with client_connect(topology, SERVER, 7000) as s:
+                s.sendall(b"\x01" * 3000)
+                s.shutdown(socket.SHUT_WR)
+                assert recv_all(s).endswith(b"\x01" * 3000)
+        elif kind == 1:  # client resets in the middle of a relay
+            s = client_connect(topology, SERVER, 7000)
+            s.sendall(b"\x02" * 3000)
+            _rst_close(s)
+        elif kind == 2:  # client resets while the gateway is still sniffing (a partial request line)
+            s = client_connect(topology, SERVER, 7000)
+            s.sendall(b"GET /")
+            _rst_close(s)
+        elif kind == 3:  # original destination refuses
+            with client_connect(topology, SERVER, 80) as s:
+                s.sendall(b"\x00not-http")
+                try:
+                    recv_all(s)
+                except ConnectionResetError:
+                    pass
+        else:  # HTTP handed to the front end callback
+            assert http_get(topology, SERVER, 80, f"/{i}")["orig_dst"] == [SERVER, 80]
+            continue
+        logged += 1
+    for _ in range(logged):
+        gateway_log(topology, "redirect", r" transparent client=")
+    assert topology["logs"]["redirect"].empty()
+    after = len(os.listdir(f"/proc/{pid}/fd"))
+    assert after == before, f"gateway fds before {before}, after {after}"

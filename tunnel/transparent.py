@@ -161,7 +161,9 @@ class TransparentListener:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _sniff(self, sock: socket.socket) -> bytes:
+    async def _sniff(self, sock: socket.socket) -> tuple[bytes, bool]:
+        """Read until the bytes say HTTP or not, `sniff_bytes` are in, or `sniff_timeout` passes.
+        Returns (bytes, whether the client already closed its side)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.sniff_timeout
         data = b""
@@ -175,11 +177,11 @@ class TransparentListener:
             except TimeoutError:
                 break
             if not chunk:
-                break
+                return data, True
             data += chunk
             if looks_like_http(data) is not None:
                 break
-        return data
+        return data, False
 
     async def _handle(self, sock: socket.socket, addr: Any) -> None:
         dst: tuple[str, int] = ("-", 0)
@@ -189,7 +191,15 @@ class TransparentListener:
                 sock.close()
                 self.log(log_line(addr, fmt_addr(dst), None, "refused-loop", kind="transparent"))
                 return
-            initial = await self._sniff(sock)
+            try:
+                initial, closed = await self._sniff(sock)
+            except OSError as e:
+                self.log(log_line(addr, fmt_addr(dst), None, f"client-error ({e.strerror or e})",
+                                  kind="transparent"))
+                return
+            if closed and not initial:
+                self.log(log_line(addr, fmt_addr(dst), None, "client-closed", kind="transparent"))
+                return
             if looks_like_http(initial):
                 handed, sock = sock, None
                 result = self.on_http(handed, initial, dst, addr)
@@ -215,8 +225,9 @@ class TransparentListener:
             self.log(log_line(addr, fmt_addr(dst), result, kind="transparent"))
         except asyncio.CancelledError:
             self.log(log_line(addr, fmt_addr(dst), None, "cancelled", kind="transparent"))
-        except Exception:
+        except Exception as e:
             logger.exception("transparent connection from %s failed", fmt_addr(addr))
+            self.log(log_line(addr, fmt_addr(dst), None, f"error ({type(e).__name__})", kind="transparent"))
         finally:
             if sock is not None:
                 sock.close()
