@@ -3,8 +3,9 @@
     client ns 10.200.1.2 --veth-- 10.200.1.1 gateway ns 10.200.2.1 --veth-- 10.200.2.2 server ns
               fd00:200:1::2           fd00:200:1::1      fd00:200:2::1          fd00:200:2::2
 
-The REDIRECT listener is one dual-stack socket on [::]:3129 (IPv4 clients arrive v4-mapped), so
-both SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST are exercised.
+Each gateway listener is one dual-stack socket ([::]:3129 for REDIRECT, [::]:3130 for TPROXY;
+IPv4 clients arrive v4-mapped), so SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST, IP_TRANSPARENT and
+IPV6_TRANSPARENT are all exercised.
 
 The gateway namespace runs the transparent listener (a subprocess under `ip netns exec`) with the
 rules from conf/iptables-*.sh; the client and the servers are sockets of this test process created
@@ -137,7 +138,7 @@ async def on_http(sock, initial, orig_dst, client):
     sock.close()
 
 async def main(mode, port, spoof):
-    host = "::" if mode == "redirect" else "0.0.0.0"
+    host = "::"
     lst = TransparentListener([(host, port)], on_http=on_http, mode=mode, sniff_timeout=0.3,
                               connect_timeout=5, spoof_client_address=spoof,
                               own_listeners=[("0.0.0.0", %(proxy)d)], log=lambda l: print(l, flush=True))
@@ -198,7 +199,7 @@ def topology():
         env = {"PROXY_PORT": str(REDIRECT_PORT), "CLIENT_IF": f"vc{tag}b", "PORTS": f"22,80,7000,{PROXY_PORT}",
                "IPV6": "1"}
         in_ns(g, "env", *[f"{k}={v}" for k, v in env.items()], "sh", str(ROOT / "conf/iptables-redirect.sh"), "start")
-        env = {"PROXY_PORT": str(TPROXY_PORT), "CLIENT_IF": f"vc{tag}b", "PORTS": "2222,8080"}
+        env = {"PROXY_PORT": str(TPROXY_PORT), "CLIENT_IF": f"vc{tag}b", "PORTS": "2222,8080", "IPV6": "1"}
         in_ns(g, "env", *[f"{k}={v}" for k, v in env.items()], "sh", str(ROOT / "conf/iptables-tproxy.sh"), "start")
 
         server = BannerEcho(s, [22, 2222, 7000])
@@ -325,6 +326,18 @@ def test_tproxy_relays_raw_bytes_from_the_clients_own_address(topology):
         # spoof_client_address: the server sees the client's address, not the gateway's.
         assert read_line(s) == f"SSH-2.0-test peer={CLIENT}\r\n".encode()
         echo_roundtrip(s)
+
+
+def test_tproxy_over_ipv6_relays_raw_bytes_from_the_clients_own_address(topology):
+    with client_connect(topology, SERVER6, 2222) as s:
+        assert read_line(s) == f"SSH-2.0-test peer={CLIENT6}\r\n".encode()
+        echo_roundtrip(s)
+
+
+def test_tproxy_over_ipv6_hands_http_request_with_original_destination(topology):
+    seen = http_get(topology, SERVER6, 8080, "/six-tproxy")
+    assert seen["orig_dst"] == [SERVER6, 8080]
+    assert seen["client"] == CLIENT6
 
 
 def test_tproxy_hands_http_request_to_front_end_with_original_destination(topology):
