@@ -218,6 +218,9 @@ class Forwarder:
         except asyncio.CancelledError:
             sock.close()
             self.log(log_line(addr, upstream_name, None, "cancelled"))
+        except Exception as e:  # e.g. EMFILE creating the upstream socket: drop this client, keep serving
+            sock.close()
+            self.log(log_line(addr, upstream_name, None, f"error ({e})"))
         finally:
             self._release(ip)
 

@@ -133,12 +133,31 @@ async def _run(entries: list[dict[str, Any]], engine: str | None, buffer_size: i
     return 0
 
 
+def _raise_fd_limit(entries: list[dict[str, Any]], engine: str | None) -> None:
+    """Each bridge holds two sockets: lift the soft fd limit toward what the limits allow."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per_bridge = 6 if engine == "splice" else 2  # splice adds two pipes
+    want = sum((e.get("max_connections") or 65536) * per_bridge for e in entries) + 256
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         entries = _entries_from_args(args)
     except (UsageError, config.ConfigError) as e:
         print(f"webproxy tunnel: {e}", file=sys.stderr)
         return 2
+    _raise_fd_limit(entries, args.relay_engine)
     try:
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
