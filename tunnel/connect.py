@@ -101,7 +101,10 @@ async def open_upstream(host: str, port: int, *, timeout: float,
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         if local_addr is not None and (":" in local_addr[0]) != (family == socket.AF_INET6):
             continue  # cannot bind an address of the other family
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of file descriptors: no point trying the other addresses
+            raise UpstreamUnreachable(host, port, f"cannot create a socket ({e.strerror or e})") from None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
