@@ -1,0 +1,23 @@
+"""Raw TCP tunnelling: the byte relay, upstream connect, transparent listener and port forwarder.
+
+Knows sockets, not HTTP, and never imports `webproxy`.
+"""
+
+from tunnel.connect import (
+    UpstreamDNSError,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    open_upstream,
+)
+from tunnel.forwarder import Forwarder, ForwarderSettings, serve_forwarders
+from tunnel.origdst import original_dst
+from tunnel.relay import RelayResult, detach_socket, relay
+from tunnel.transparent import TransparentListener, looks_like_http, serve_transparent
+
+__all__ = [
+    "Forwarder", "ForwarderSettings", "RelayResult", "TransparentListener", "UpstreamDNSError",
+    "UpstreamError", "UpstreamRefused", "UpstreamTimeout", "UpstreamUnreachable", "detach_socket",
+    "looks_like_http", "open_upstream", "original_dst", "relay", "serve_forwarders", "serve_transparent",
+]
