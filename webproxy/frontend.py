@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import socket
 from collections import deque
@@ -18,6 +17,7 @@ from typing import Any
 
 import httptools
 
+from tunnel.relay import detach_socket
 from webproxy.httpmsg import Headers, error_body, reason_phrase, serialize_head
 
 BODY_HIGH = 1 << 20  # pause reading the client when this much request body is waiting upstream
@@ -229,13 +229,9 @@ class ClientConnection(asyncio.Protocol):
             await asyncio.sleep(0.001)
         if self.closed:
             raise ClientGone("client closed the connection")
-        fd = os.dup(t.get_extra_info("socket").fileno())
         self._admitted = False  # connection_lost must not release: the tunnel holds the slot now
-        t.abort()
         self.closed = True
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        return sock
+        return detach_socket(t)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

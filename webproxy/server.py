@@ -48,6 +48,7 @@ class ProxyServer:
         self.requests = 0
         self._stopping: asyncio.Future[None] = self.loop.create_future()
         self._flush_timer: asyncio.TimerHandle | None = None
+        self.closers: list[Any] = []  # coroutines to await at shutdown (transparent, forwarders)
 
     # ---- helpers the front end and the handler call ----------------------------------------------
     now = staticmethod(time.time)
@@ -182,6 +183,9 @@ class ProxyServer:
             conn.abort()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
+        for closer in self.closers:
+            with contextlib.suppress(Exception):
+                await closer()
         if self.cache_layer is not None:
             await self.cache_layer.close()
         if self.ftp_layer is not None:
@@ -281,6 +285,9 @@ async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> No
 
         await attach_layers(server)
     except BaseException:
+        for closer in server.closers:
+            with contextlib.suppress(Exception):
+                await closer()
         await server.upstream.close()
         raise
     loop = asyncio.get_running_loop()
