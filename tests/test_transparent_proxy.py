@@ -179,6 +179,7 @@ def test_connection_to_the_proxys_own_listener_is_refused(gateway):
     # destination is the gateway, not a server; the proxy must not loop into itself.
     before = len(origin_hits(gateway))
     r = client_curl(gateway, f"http://{GW_C}:3129/")
-    assert r.returncode == 56 and b"reset" in r.stderr.lower(), r  # refused with a reset, no response
+    # refused: closed (reset, or FIN if the client's bytes had not arrived yet) without any response
+    assert r.returncode in (52, 56) and r.stdout == b"", r
     assert len(origin_hits(gateway)) == before
     assert gateway["proxy"].poll() is None
