@@ -1,17 +1,15 @@
 """Active refresh: which stored responses to refresh before they expire, and when not to.
 Pure rules (every time is a parameter); webproxy.refresher carries them out.
 
-Popularity (recent hits, not all-time). The store counts uses per row (diskcache's
-access_count, flushed in batches by every process sharing the directory). The refresher samples
-those counts and keeps, per key, an exponentially decayed hit count with time constant W =
-`popularity_window`:
-
-    hits(t) = sum over uses i of exp(-(t - t_i) / W)
-
-so a hit just now counts 1, one W ago 0.37, two W ago 0.14: "hits within the recent window"
-without a ring per key. A key first seen by a refresher (e.g. after a restart) is seeded with a
-single use at its last access time, never with its all-time count: a restart cannot make a once
-popular object look popular now, and objects still in demand earn their hits again quickly.
+Popularity (hits within the recent window, not all-time). The store counts uses per row
+(diskcache's access_count, flushed in batches by every process sharing the directory). The
+refresher samples those counts and keeps, per key, the new uses it saw in time buckets of
+W/BUCKETS seconds (W = `popularity_window`): hits = the uses in the buckets of the last W seconds,
+exact to one bucket, at most BUCKETS + 1 small pairs per key. A key first seen by a refresher (e.g.
+after a restart) is seeded with a single use at its last access time, never its all-time count:
+a restart cannot make a once popular object look popular now; objects still in demand earn
+their hits again quickly. (A row stored within the window is seeded with all its uses: they
+are all recent.)
 
 Window (time left until expiry in which an object may be refreshed):
 
@@ -44,7 +42,6 @@ windows, most valuable first, instead of all being fetched in the same instant.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -91,22 +88,38 @@ class Settings:
 # --- popularity -------------------------------------------------------------------------------
 
 
+BUCKETS = 10
+FORGET_AFTER = 2.0
+
+
 @dataclass(frozen=True)
 class Popularity:
-    """What a refresher knows about one row's uses: the decayed hit count `hits` as of `at`, and
+    """What a refresher knows about one row's uses: `buckets` of (bucket start, new uses), and
     the row's access_count / store_time when last sampled (a replaced row restarts its count)."""
 
-    hits: float
-    at: float
+    buckets: tuple[tuple[float, int], ...]
     count: int
     stored_at: float
+    seen: float
+
+    def hits(self, now: float, popularity_window: float) -> int:
+        """Uses within the last `popularity_window` seconds (to one bucket's precision)."""
+        width = popularity_window / BUCKETS
+        return sum(n for start, n in self.buckets if start + width > now - popularity_window)
 
 
-def decayed(hits: float, since: float, now: float, popularity_window: float) -> float:
-    """`hits` counted at `since`, as they count at `now`."""
-    if now <= since:
-        return hits
-    return hits * math.exp(-(now - since) / max(popularity_window, 1e-9))
+def _add(buckets: tuple[tuple[float, int], ...], t: float, n: int, now: float,
+         popularity_window: float) -> tuple[tuple[float, int], ...]:
+    width = popularity_window / BUCKETS
+    start = t - t % width if width > 0 else t
+    kept = [(s, k) for s, k in buckets if s + width > now - popularity_window]
+    if n <= 0:
+        return tuple(kept)
+    if kept and kept[-1][0] == start:
+        kept[-1] = (start, kept[-1][1] + n)
+    else:
+        kept.append((start, n))
+    return tuple(kept)
 
 
 def observe(prev: Popularity | None, count: int, access_time: float, stored_at: float, now: float,
@@ -114,13 +127,19 @@ def observe(prev: Popularity | None, count: int, access_time: float, stored_at: 
     """Fold a new sample of a row's (access_count, access_time, store_time) into its popularity.
     Returns the new popularity and the number of uses new since the previous sample."""
     if prev is None:
-        seed = decayed(1.0, access_time, now, popularity_window) if count > 0 else 0.0
-        return Popularity(seed, now, count, stored_at), 0
+        # Stored within the window: all its uses are recent. Otherwise, one use (the last).
+        recent = count if stored_at > now - popularity_window else min(count, 1)
+        return Popularity(_add((), access_time, recent, now, popularity_window), count, stored_at, now), 0
     # A replaced row (new store_time) counts from 0 again; a count that went down on the same row
     # is a correction (a use taken back), not a reset.
     new = count if stored_at != prev.stored_at else max(0, count - prev.count)
-    hits = decayed(prev.hits, prev.at, now, popularity_window) + new
-    return Popularity(hits, now, count, stored_at), new
+    return Popularity(_add(prev.buckets, now, new, now, popularity_window), count, stored_at, now), new
+
+
+def forgettable(pop: Popularity, now: float, popularity_window: float) -> bool:
+    """Whether a refresher may drop what it knows of a key: no recent hits and not sampled for
+    FORGET_AFTER windows (a key seen again after that is seeded as a cold one, which it is)."""
+    return now - pop.seen > FORGET_AFTER * popularity_window and not pop.hits(now, popularity_window)
 
 
 # --- what may be refreshed, and when ------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from cache import refresh as r
@@ -27,41 +25,61 @@ def stored(cc: str = "max-age=100", etag: str | None = '"v1"', size: int = 1000,
 # --- popularity -------------------------------------------------------------------------------
 
 
-def test_first_sample_seeds_one_recent_use_not_the_all_time_count():
-    pop, new = r.observe(None, 5000, T0, T0, T0, 600)
-    assert (pop.hits, new) == (1.0, 0)
-    old, _ = r.observe(None, 5000, T0 - 600, T0 - 9000, T0, 600)
-    assert old.hits == pytest.approx(math.exp(-1))
+def test_first_sample_of_an_old_row_seeds_one_recent_use_not_the_all_time_count():
+    pop, new = r.observe(None, 5000, T0 - 1, T0 - 9000, T0, 600)
+    assert (pop.hits(T0, 600), new) == (1, 0)
+
+
+def test_first_sample_of_a_row_stored_within_the_window_counts_all_its_uses():
+    pop, _ = r.observe(None, 7, T0 - 1, T0 - 30, T0, 600)
+    assert pop.hits(T0, 600) == 7
 
 
 def test_a_row_never_used_seeds_no_popularity():
     pop, _ = r.observe(None, 0, T0, T0, T0, 600)
-    assert pop.hits == 0.0
+    assert pop.hits(T0, 600) == 0
 
 
-def test_new_uses_add_to_the_decayed_count():
-    pop, _ = r.observe(None, 3, T0, T0 - 50, T0, 600)
-    pop, new = r.observe(pop, 7, T0 + 600, T0 - 50, T0 + 600, 600)
-    assert new == 4
-    assert pop.hits == pytest.approx(math.exp(-1) + 4)
+def test_new_uses_add_up_within_the_window():
+    pop, _ = r.observe(None, 3, T0, T0 - 5000, T0, 600)
+    pop, new = r.observe(pop, 7, T0 + 300, T0 - 5000, T0 + 300, 600)
+    assert new == 4 and pop.hits(T0 + 300, 600) == 5
 
 
-def test_hits_fade_after_the_popularity_window():
-    pop = r.Popularity(10.0, T0, 10, T0)
-    assert r.decayed(pop.hits, pop.at, T0 + 3 * 600, 600) < 0.5
-    assert r.decayed(pop.hits, pop.at, T0, 600) == 10.0
+def test_hits_older_than_the_popularity_window_no_longer_count():
+    pop, _ = r.observe(None, 0, T0, T0 - 5000, T0, 600)
+    pop, _ = r.observe(pop, 4, T0 + 10, T0 - 5000, T0 + 10, 600)
+    pop, _ = r.observe(pop, 6, T0 + 500, T0 - 5000, T0 + 500, 600)
+    assert pop.hits(T0 + 500, 600) == 6
+    assert pop.hits(T0 + 700, 600) == 2  # the first four are more than a window old
+    assert pop.hits(T0 + 1200, 600) == 0
+
+
+def test_buckets_stay_few_however_many_samples():
+    pop, _ = r.observe(None, 0, T0, T0 - 5000, T0, 600)
+    for i in range(1, 2000):
+        pop, _ = r.observe(pop, i, T0 + i, T0 - 5000, T0 + i, 600)
+    assert len(pop.buckets) <= r.BUCKETS + 1
+    assert 540 <= pop.hits(T0 + 1999, 600) <= 660
 
 
 def test_a_replaced_row_counts_its_uses_from_zero():
-    pop = r.Popularity(2.0, T0, 40, T0 - 100)
+    pop = r.Popularity((), 40, T0 - 100, T0)
     pop2, new = r.observe(pop, 3, T0 + 1, T0 + 0.5, T0 + 1, 600)
     assert new == 3 and pop2.count == 3 and pop2.stored_at == T0 + 0.5
 
 
 def test_a_use_taken_back_is_not_a_reset():
-    pop = r.Popularity(2.0, T0, 40, T0 - 100)
+    pop = r.Popularity(((T0, 2),), 40, T0 - 100, T0)
     pop2, new = r.observe(pop, 39, T0 + 1, T0 - 100, T0 + 1, 600)
-    assert new == 0 and pop2.hits <= 2.0
+    assert new == 0 and pop2.hits(T0 + 1, 600) == 2
+
+
+def test_a_key_is_forgotten_only_long_after_its_last_hit():
+    pop = r.Popularity(((T0, 2),), 40, T0 - 100, T0)
+    assert not r.forgettable(pop, T0 + 700, 600)  # no recent hits, but seen recently
+    assert r.forgettable(pop, T0 + 1300, 600)
+    assert not r.forgettable(r.Popularity(((T0 + 1250, 1),), 41, T0 - 100, T0), T0 + 1300, 600)
 
 
 # --- window and eligibility -------------------------------------------------------------------

@@ -41,7 +41,6 @@ LOCK_FILE = "refresh.lock"
 # Rows are re-read when their access_time is at most this much older than the last scan: access
 # times are written by other processes' flushes, whose transactions may commit a little late.
 SCAN_SLACK = 2.0
-FORGET_BELOW = 0.05  # decayed hits under which a key's popularity is dropped from memory
 
 
 class DirectoryLock:
@@ -157,7 +156,7 @@ class Refresher:
     async def scan(self, now: float, s: rules.Settings) -> None:
         """Fold the use counts of rows touched since the last scan into their popularity."""
         since = self.scanned_at - SCAN_SLACK if self.scanned_at else 0.0
-        rows = await asyncio.get_running_loop().run_in_executor(None, self.store.usage, since)
+        rows = await asyncio.get_running_loop().run_in_executor(None, self._sample, since)
         self.scanned_at = now
         produced = 0
         for key, count, access_time, stored_at in rows:
@@ -170,8 +169,12 @@ class Refresher:
         if produced:
             self.store.count_refresh("refresh_hits", produced)
         for key in [k for k, p in self.popularity.items()
-                    if rules.decayed(p.hits, p.at, now, s.popularity_window) < FORGET_BELOW and k not in self.running]:
+                    if rules.forgettable(p, now, s.popularity_window) and k not in self.running]:
             self._forget(key)
+
+    def _sample(self, since: float) -> list[tuple[str, int, float, float]]:
+        self.store.flush()  # this process's uses so far, so they are not a flush interval late
+        return self.store.usage(since)
 
     def _forget(self, key: str) -> None:
         for d in (self.popularity, self.heads, self.fetch_seconds, self.refreshed, self.retry_at):
@@ -181,7 +184,7 @@ class Refresher:
         out = []
         policy = self.store.policy
         for key, pop in list(self.popularity.items()):
-            hits = rules.decayed(pop.hits, pop.at, now, s.popularity_window)
+            hits = pop.hits(now, s.popularity_window)
             if hits < s.min_hits or key in self.running or self.retry_at.get(key, 0.0) > now:
                 continue
             if self.store.flights.get(key.split(SEP, 1)[0]) is not None:
