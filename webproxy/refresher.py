@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import os
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from cache import conditional
@@ -41,6 +42,7 @@ LOCK_FILE = "refresh.lock"
 # Rows are re-read when their access_time is at most this much older than the last scan: access
 # times are written by other processes' flushes, whose transactions may commit a little late.
 SCAN_SLACK = 2.0
+RATE_SPAN = 1.0  # seconds over which the client request rate is measured
 
 
 class DirectoryLock:
@@ -87,7 +89,7 @@ class Refresher:
         self.scanned_at = 0.0
         now = self.clock()
         self.bucket = rules.TokenBucket(self.settings.max_per_second, now)
-        self._requests = (server.requests, now)
+        self._requests: deque[tuple[float, int]] = deque([(now, server.requests)])
         self.backed_off = 0  # ticks skipped because the proxy was busy
         self.task: asyncio.Task[None] | None = None
 
@@ -125,12 +127,16 @@ class Refresher:
 
     # ---- one round ------------------------------------------------------------------------------
     def client_rate(self, now: float) -> float:
-        """Client requests per second since the last tick, for the whole proxy: this worker's
-        count times the number of workers (the kernel spreads connections evenly)."""
+        """Client requests per second over the last RATE_SPAN seconds or more (a client pausing
+        for one tick does not read as quiet), for the whole proxy: this worker's count times the
+        number of workers (the kernel spreads connections evenly across them)."""
         count = self.server.requests
-        prev_count, prev_time = self._requests
-        self._requests = (count, now)
-        return rules.rate(prev_count, prev_time, count, now) * max(1, self.server.cfg.server["workers"])
+        samples = self._requests
+        samples.append((now, count))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_SPAN:
+            samples.popleft()
+        then, before = samples[0]
+        return rules.rate(before, then, count, now) * max(1, self.server.cfg.server["workers"])
 
     async def tick(self) -> None:
         s = self.settings
