@@ -86,6 +86,7 @@ class Refresher:
         self.refreshed: dict[str, rules.Refreshed] = {}
         self.retry_at: dict[str, float] = {}
         self.running: set[str] = set()
+        self.queue: list[rules.Candidate] = []
         self.scanned_at = 0.0
         now = self.clock()
         self.bucket = rules.TokenBucket(self.settings.max_per_second, now)
@@ -147,15 +148,21 @@ class Refresher:
         await self.scan(now, s)
         upstream = max(0, self.server.upstream.active - len(self.running))
         if not rules.load_allows(client_rate, upstream, s):
+            self.queue = []
             self.backed_off += 1
             return
         self.bucket.rate = s.max_per_second
-        n = rules.slots(self.bucket.available(now), len(self.running), s)
-        if n <= 0:
-            return
-        for c in rules.plan(self.candidates(now, s), n):
-            if not self.bucket.take(now):
-                break
+        # Planned for this tick, as many as the bucket allows now; started as refreshes finish.
+        self.queue = rules.plan(self.candidates(now, s), self.bucket.available(now))
+        self.start_queued()
+
+    def start_queued(self) -> None:
+        s = self.settings
+        while self.queue and rules.slots(self.bucket.available(self.clock()), len(self.running), s) > 0:
+            c = self.queue.pop(0)
+            if c.key in self.running:
+                continue
+            self.bucket.take(self.clock())
             self.running.add(c.key)
             self.layer.spawn(self.refresh_one(c))
 
@@ -237,6 +244,7 @@ class Refresher:
         finally:
             self.running.discard(key)
         self.finish(c, url, target_host, outcome, status, start)
+        self.start_queued()
         return outcome
 
     def finish(self, c: rules.Candidate, url: str, host: str, outcome: str, status: int, start: float) -> None:
