@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import re
 import signal
@@ -88,6 +89,8 @@ class Obj:
         self.full = 0
         self.conditional = 0
         self.answered: list[int] = []
+        self.seen: list[dict[str, str]] = []  # request fields, in order
+        self.vary: str | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self.conditional_starts: list[float] = []
@@ -97,6 +100,7 @@ class Obj:
         return self.full + self.conditional
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(dict(request.headers))
         inm = request.headers.get("If-None-Match")
         if inm is None:
             self.full += 1
@@ -110,8 +114,11 @@ class Obj:
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
-            etag = f'"v{self.version}"'
+            variant = request.headers.get(self.vary, "") if self.vary else ""
+            etag = f'"v{self.version}{variant}"'
             fields = {"Cache-Control": f"max-age={self.max_age}", "ETag": etag}
+            if self.vary:
+                fields["Vary"] = self.vary
             if self.fail:
                 resp = web.Response(status=503, text="down\n")
             elif inm == etag:
@@ -132,11 +139,11 @@ def serve(origin: Origin, objs: dict[str, Obj]) -> Origin:
     return origin.start()
 
 
-def get(proxy: RefreshingProxy, url: str) -> tuple[int, str, bytes]:
+def get(proxy: RefreshingProxy, url: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
     """(status, X-Cache, body) of one request through the proxy."""
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     try:
-        conn.request("GET", url)
+        conn.request("GET", url, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, resp.getheader("X-Cache") or "", resp.read()
     finally:
@@ -152,11 +159,18 @@ def wait_until(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
     return True
 
 
-def make_popular(proxy: RefreshingProxy, url: str, hits: int = 3) -> None:
-    status, xcache, _ = get(proxy, url)
+def make_popular(proxy: RefreshingProxy, url: str, hits: int = 3, headers: dict[str, str] | None = None) -> None:
+    status, xcache, _ = get(proxy, url, headers)
     assert status == 200 and xcache.startswith("MISS")
     for _ in range(hits):
-        assert get(proxy, url)[1].startswith("HIT")
+        assert get(proxy, url, headers)[1].startswith("HIT")
+
+
+def cache_stats(proxy: RefreshingProxy) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-m", "webproxy", "cache", "-c", str(proxy.config_path), "stats", "--json"],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
 def refresh_lines(proxy: RefreshingProxy, wait_for: str, timeout: float = 10.0) -> list[str]:
@@ -230,6 +244,31 @@ def test_a_304_extends_freshness_without_rewriting_the_body(make_origin, make_re
     assert (status, got) == (200, body) and xcache.startswith("HIT") and pop.requests == before
     assert body_files(proxy) == files
     assert pop.full == 1 and set(pop.answered[1:]) == {304}
+    # `webproxy cache stats` counts the refresh, its 304, and the hit it produced.
+    stats: dict[str, Any] = {}
+
+    def counted() -> bool:
+        nonlocal stats
+        stats = cache_stats(proxy)
+        return stats["refresh_hits"] >= 1
+
+    assert wait_until(counted), stats
+    assert stats["refreshes"] >= 1 and stats["refresh_304"] == stats["refreshes"] and stats["refresh_failed"] == 0
+
+
+def test_refresh_sends_the_vary_selected_fields_stored_with_the_entry(make_origin, make_refreshing_proxy):
+    pop = Obj(b"negotiated\n")
+    pop.vary = "Accept-Language"
+    origin = serve(make_origin(), {"/v": pop})
+    proxy = make_refreshing_proxy()
+    make_popular(proxy, origin.url("/v"), headers={"Accept-Language": "fr"})
+    assert get(proxy, origin.url("/v"), {"Accept-Language": "de"})[1].startswith("MISS")  # the other, unpopular
+    assert wait_until(lambda: pop.conditional >= 1)
+    refresh = next(h for h in pop.seen if "If-None-Match" in h)
+    assert refresh["If-None-Match"] == '"v1fr"' and refresh["Accept-Language"] == "fr"
+    assert pop.answered[pop.seen.index(refresh)] == 304
+    before = pop.requests
+    assert get(proxy, origin.url("/v"), {"Accept-Language": "fr"})[1].startswith("HIT") and pop.requests == before
 
 
 def test_a_changed_object_is_replaced_by_the_refresh(make_origin, make_refreshing_proxy):
