@@ -234,13 +234,6 @@ def main() -> int:
             total = sum(clients.values())
             served = sum(n for c, n in clients.items() if c.split("/")[0] in SERVED)
             o = origins[name].counts
-            if os.environ.get("REFRESH_SIM_DEBUG"):
-                reval = Counter(int(ln.split()[6].rsplit("/o", 1)[1]) for ln in proxies[name].log.read_text().splitlines()
-                                if "TCP_REFRESH_UNMODIFIED" in ln)
-                refr = Counter(int(ln.split()[6].rsplit("/o", 1)[1]) for ln in proxies[name].log.read_text().splitlines()
-                               if "ACTIVE_REFRESH" in ln)
-                print(name, "revalidations by rank", sorted(reval.items())[:40], file=sys.stderr)
-                print(name, "refreshes by rank", sorted(refr.items())[:40], file=sys.stderr)
             print(f"{name}: client codes {dict(clients.most_common())}; refresh codes {dict(refreshes)}",
                   file=sys.stderr)
             rows[name] = (total, served, o["full"], o["conditional"], sum(refreshes.values()),
