@@ -87,6 +87,7 @@ class Refresher:
         self.retry_at: dict[str, float] = {}
         self.running: set[str] = set()
         self.queue: list[rules.Candidate] = []
+        self.fetching = 0  # refreshes waiting for the origin's head (counted in upstream.active)
         self.scanned_at = 0.0
         now = self.clock()
         self.bucket = rules.TokenBucket(self.settings.max_per_second, now)
@@ -146,7 +147,7 @@ class Refresher:
         if not s.enabled or not self.lock.try_acquire():
             return
         await self.scan(now, s)
-        upstream = max(0, self.server.upstream.active - len(self.running))
+        upstream = max(0, self.server.upstream.active - self.fetching)  # the clients' fetches
         if not rules.load_allows(client_rate, upstream, s):
             self.queue = []
             self.backed_off += 1
@@ -231,7 +232,11 @@ class Refresher:
             async def timed_opener(method: str, fields: Any) -> Any:
                 nonlocal status
                 t0 = time.monotonic()
-                resp = await opener(method, fields)
+                self.fetching += 1
+                try:
+                    resp = await opener(method, fields)
+                finally:
+                    self.fetching -= 1
                 self.fetch_seconds[key] = time.monotonic() - t0
                 status = resp.status
                 return resp
@@ -243,8 +248,11 @@ class Refresher:
             self.server.log_error(f"refresh of {url[:200]} failed: {e!r}")
         finally:
             self.running.discard(key)
-        self.finish(c, url, target_host, outcome, status, start)
-        self.start_queued()
+        try:
+            self.finish(c, url, target_host, outcome, status, start)
+            self.start_queued()
+        except Exception as e:  # e.g. the store closing under a late refresh
+            self.server.log_error(f"refresh of {url[:200]}: {e!r}")
         return outcome
 
     def finish(self, c: rules.Candidate, url: str, host: str, outcome: str, status: int, start: float) -> None:
