@@ -53,6 +53,10 @@ SEP = "\x01"  # between a cache key and a secondary key; cannot occur in a reque
 GEN_KEY = "#generation"
 STAT_PREFIX = "#stats:"
 STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved")
+# Active refresh (webproxy.refresher): refreshes run, of which 304 (freshness extended), replaced
+# (a new body), failed (entry left as it was), and client hits on entries a refresh kept fresh.
+REFRESH_STAT_NAMES = ("refreshes", "refresh_304", "refresh_replaced", "refresh_failed", "refresh_hits")
+COUNTER_NAMES = STAT_NAMES + REFRESH_STAT_NAMES
 FLUSH_INTERVAL = 1.0
 GEN_CHECK_INTERVAL = 1.0
 _HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
@@ -141,7 +145,7 @@ class Store:
         self._tag_pid = -1
         self._tag = ""
         self._uses: dict[str, list[int]] = {}
-        self._counts = dict.fromkeys(STAT_NAMES, 0)
+        self._counts = dict.fromkeys(COUNTER_NAMES, 0)
         self.flush_interval = FLUSH_INTERVAL
         self.gen_check_interval = GEN_CHECK_INTERVAL
         self._flushed = time.monotonic()
@@ -152,9 +156,9 @@ class Store:
     # --- housekeeping -----------------------------------------------------------------------
 
     @property
-    def _sql(self) -> Callable[..., Any]:
-        # diskcache keeps one SQLite connection per thread; looking it up on each call keeps
-        # maintain() in an executor thread on that thread's own connection (inside its transaction).
+    def _sql(self) -> Callable[..., sqlite3.Cursor]:
+        # diskcache keeps one SQLite connection per thread: take the calling thread's, so
+        # maintain() and the refresher's scans may run in an executor thread.
         return self._cache._sql
 
     @property
@@ -367,12 +371,58 @@ class Store:
     def count_miss(self) -> None:
         self._counts["misses"] += 1
 
+    def count_refresh(self, name: str, n: int = 1) -> None:
+        """Add to one of REFRESH_STAT_NAMES (persisted with the other counters)."""
+        self._counts[name] += n
+
+    def uncount_use(self, key: str) -> None:
+        """Forget one use of row `key` counted by a lookup that was not a client's (the
+        refresher's own), so it does not make the row look popular."""
+        use = self._uses.get(key)
+        if use is None:
+            self._uses[key] = [-1, 0]
+        elif use[0] == 1:
+            del self._uses[key]
+        else:
+            use[0] -= 1
+
+    def usage(self, since: float = 0.0) -> list[tuple[str, int, float, float]]:
+        """(row key, access_count, access_time, store_time) of every stored response used or
+        stored at or after `since` (access_time is the flush time of its last counted use).
+        Safe to call from an executor thread."""
+        try:
+            return self._sql(
+                "SELECT key, access_count, access_time, store_time FROM Cache"
+                f" WHERE raw = 1 AND mode IN {_ENTRY_MODES_SQL} AND access_time >= ?",
+                (since,),
+            ).fetchall()
+        except sqlite3.Error:
+            return []
+
+    def stored_head(self, key: str) -> StoredResponse | None:
+        """The stored head of row `key` as the directory holds it now (not the memory tier,
+        which may predate another process's update), or None."""
+        try:
+            row = self._sql(
+                f"SELECT mode, value FROM Cache WHERE key = ? AND raw = 1 AND mode IN {_ENTRY_MODES_SQL}", (key,)
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        if row is None:
+            return None
+        mode, blob = row
+        try:
+            value = pickle.loads(blob)
+            return load_head(value[0] if mode == MODE_INLINE else value)
+        except Exception:
+            return None
+
     def flush(self) -> None:
         """Write batched hit counts and counters (one transaction). Called by lookup at most
         once a second; call it on shutdown (close does) or from a timer."""
         self._flushed = time.monotonic()
         uses, self._uses = self._uses, {}
-        counts, self._counts = self._counts, dict.fromkeys(STAT_NAMES, 0)
+        counts, self._counts = self._counts, dict.fromkeys(COUNTER_NAMES, 0)
         if not uses and not any(counts.values()):
             return
         now = self.clock()
@@ -399,7 +449,7 @@ class Store:
         self.flush()
         (entries,) = self._sql(f"SELECT COUNT(*) FROM Cache WHERE mode IN {_ENTRY_MODES_SQL}").fetchone()
         out: dict[str, Any] = {"entries": entries, "bytes": self._cache.volume(), "capacity": self.capacity}
-        for name in STAT_NAMES:
+        for name in COUNTER_NAMES:
             out[name] = self._cache.get(STAT_PREFIX + name, 0)
         total = out["hits"] + out["misses"]
         out["hit_ratio"] = out["hits"] / total if total else 0.0

@@ -18,6 +18,10 @@ async def attach_layers(server: ProxyServer) -> None:
         from webproxy.caching import CacheLayer
 
         server.cache_layer = CacheLayer(server)
+        if server.cfg.refresh["enabled"]:
+            from webproxy.refresher import attach
+
+            attach(server)
     cfg = server.cfg
     if cfg.transparent["listen"]:
         await _start_transparent(server)
