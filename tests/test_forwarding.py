@@ -211,52 +211,51 @@ def test_curl_expect_100_continue_large_upload(proxy, origin, tmp_path):
     assert json.loads(r.stdout)["length"] == len(data)
 
 
-def test_large_download_streams_with_bounded_memory(proxy, origin):
-    size = 512 * 1024 * 1024
-    rss_before = rss_kb(proxy.proc.pid)
-    peak = [rss_before]
-    stop = threading.Event()
+class PeakRss:
+    """Samples a process's resident memory while the block runs; `growth_kb` is peak minus start."""
 
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_kb(proxy.proc.pid))
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.peak = rss_kb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kb(self.pid))
             time.sleep(0.05)
 
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_kb(self) -> int:
+        return self.peak - self.start
+
+
+def test_large_download_streams_with_bounded_memory(proxy, origin):
+    size = 512 * 1024 * 1024
+    with PeakRss(proxy.proc.pid) as rss:
         r = subprocess.run(["curl", "-sS", "-x", proxy.url, origin.url(f"/stream/{size}"), "-o", "/dev/null",
                             "-w", "%{size_download}", "--limit-rate", "400M"], capture_output=True, timeout=120)
-    finally:
-        stop.set()
-        t.join()
     assert r.stdout == str(size).encode()
-    assert peak[0] - rss_before < 30 * 1024, f"RSS grew by {(peak[0] - rss_before) // 1024} MiB"
+    assert rss.growth_kb < 30 * 1024, f"RSS grew by {rss.growth_kb // 1024} MiB"
 
 
 def test_large_upload_streams_with_bounded_memory(proxy, origin):
     size = 256 * 1024 * 1024
-    rss_before = rss_kb(proxy.proc.pid)
-    peak = [rss_before]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_kb(proxy.proc.pid))
-            time.sleep(0.05)
-
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
+    with PeakRss(proxy.proc.pid) as rss:
         gen = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
         r = subprocess.run(["curl", "-sS", "-x", proxy.url, "-H", f"Content-Length: {size}", "--data-binary", "@-",
                             origin.url("/upload")], stdin=gen.stdout, capture_output=True, timeout=120)
         gen.wait()
-    finally:
-        stop.set()
-        t.join()
     assert json.loads(r.stdout)["length"] == size
-    assert peak[0] - rss_before < 30 * 1024, f"RSS grew by {(peak[0] - rss_before) // 1024} MiB"
+    assert rss.growth_kb < 30 * 1024, f"RSS grew by {rss.growth_kb // 1024} MiB"
 
 
 def test_response_without_length_is_chunked_for_http11(proxy, origin):

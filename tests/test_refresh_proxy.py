@@ -23,51 +23,19 @@ from aiohttp import web
 
 from tests.support import ROOT, Origin, ProxyProcess
 
-# Starts webproxy with the refresher attached after the other layers (what
-# webproxy.composition.attach_layers does once it starts the refresher itself; attach is
-# idempotent, so this stays correct afterwards).
-LAUNCH = """
-import sys
-import webproxy.composition as composition
-from webproxy import refresher
-_attach = composition.attach_layers
-async def attach_layers(server):
-    await _attach(server)
-    refresher.attach(server)
-composition.attach_layers = attach_layers
-from webproxy.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 REFRESH = {"enabled": True, "window": 0.5, "min_window": 1.0, "popularity_window": 60.0, "min_hits": 2,
            "max_per_second": 50.0, "max_concurrent": 4, "max_client_rate": 10000.0, "max_upstream_fetches": 32,
            "interval": 0.1}
 
 
-class RefreshingProxy(ProxyProcess):
-    def start(self) -> RefreshingProxy:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self._err = open(self.err_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "run", "-c", str(self.config_path)],
-                                     stdout=subprocess.DEVNULL, stderr=self._err, env=env, cwd=str(self.tmp))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"webproxy exited {self.proc.returncode}: {self.stderr()}")
-            if "listening on" in self.stderr():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"webproxy did not start: {self.stderr()}")
-
-
 @pytest.fixture
-def make_refreshing_proxy(tmp_path: Path) -> Iterator[Callable[..., RefreshingProxy]]:
-    procs: list[RefreshingProxy] = []
+def make_refreshing_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    procs: list[ProxyProcess] = []
 
-    def make(refresh: dict[str, Any] | None = None, **sections: dict[str, Any]) -> RefreshingProxy:
+    def make(refresh: dict[str, Any] | None = None, **sections: dict[str, Any]) -> ProxyProcess:
         d = tmp_path / f"proxy{len(procs)}"
         d.mkdir()
-        p = RefreshingProxy(d, {"refresh": {**REFRESH, **(refresh or {})}, **sections})
+        p = ProxyProcess(d, {"refresh": {**REFRESH, **(refresh or {})}, **sections})
         procs.append(p)
         return p.start()
 
@@ -139,7 +107,7 @@ def serve(origin: Origin, objs: dict[str, Obj]) -> Origin:
     return origin.start()
 
 
-def get(proxy: RefreshingProxy, url: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+def get(proxy: ProxyProcess, url: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
     """(status, X-Cache, body) of one request through the proxy."""
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     try:
@@ -159,21 +127,21 @@ def wait_until(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
     return True
 
 
-def make_popular(proxy: RefreshingProxy, url: str, hits: int = 3, headers: dict[str, str] | None = None) -> None:
+def make_popular(proxy: ProxyProcess, url: str, hits: int = 3, headers: dict[str, str] | None = None) -> None:
     status, xcache, _ = get(proxy, url, headers)
     assert status == 200 and xcache.startswith("MISS")
     for _ in range(hits):
         assert get(proxy, url, headers)[1].startswith("HIT")
 
 
-def cache_stats(proxy: RefreshingProxy) -> dict[str, Any]:
+def cache_stats(proxy: ProxyProcess) -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-m", "webproxy", "cache", "-c", str(proxy.config_path), "stats", "--json"],
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
-def refresh_lines(proxy: RefreshingProxy, wait_for: str, timeout: float = 10.0) -> list[str]:
+def refresh_lines(proxy: ProxyProcess, wait_for: str, timeout: float = 10.0) -> list[str]:
     lines: list[str] = []
 
     def found() -> bool:
@@ -185,7 +153,7 @@ def refresh_lines(proxy: RefreshingProxy, wait_for: str, timeout: float = 10.0) 
     return lines
 
 
-def body_files(proxy: RefreshingProxy) -> list[tuple[str, int, int]]:
+def body_files(proxy: ProxyProcess) -> list[tuple[str, int, int]]:
     """(path, inode, mtime_ns) of every stored body file."""
     out = []
     for root, _, files in os.walk(proxy.tmp / "cache"):

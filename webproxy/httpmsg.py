@@ -11,7 +11,11 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from cache.model import get_all
+from cache.model import get_one as get_header
+
 Headers = list[tuple[str, str]]
+__all__ = ["get_header"]  # re-exported: the front end reads fields with the cache's helpers
 
 # Always hop-by-hop, whatever Connection says. Proxy-Authorization is for this proxy: it is
 # consumed (or ignored) here and never passed to an origin.
@@ -30,23 +34,10 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def header_values(headers: Headers, name: str) -> list[str]:
-    name = name.lower()
-    return [v for k, v in headers if k.lower() == name]
-
-
-def get_header(headers: Headers, name: str) -> str | None:
-    name = name.lower()
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return None
-
-
 def tokens(headers: Headers, name: str) -> list[str]:
     """Comma-separated list values of every `name` line, lower-cased and stripped."""
     out = []
-    for value in header_values(headers, name):
+    for value in get_all(headers, name):
         out.extend(t.strip().lower() for t in value.split(",") if t.strip())
     return out
 
