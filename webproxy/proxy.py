@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import time
+import traceback
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +62,14 @@ class Proxy:
         try:
             keep = await self._dispatch(conn, req, rw, ex)
         except ClientGone:
-            ex.code = ex.code if ex.code != "TAG_NONE" else "TCP_MISS_ABORTED"
             if not ex.code.endswith("_ABORTED"):
-                ex.code += "_ABORTED"
+                ex.code = ("TCP_MISS" if ex.code == "TAG_NONE" else ex.code) + "_ABORTED"
             keep = False
         except Reject as e:
             keep = self._error(rw, ex, e.status, e.message, close=True)
         except Exception as e:  # never let one request take the process (or the connection) down silently
-            self.server.log_error(f"internal error handling {req.method} {req.target[:200]}: {e!r}")
+            self.server.log_error(f"internal error handling {req.method} {req.target[:200]}: {e!r}\n"
+                                  + traceback.format_exc(limit=12))
             if not conn.response_started and not conn.closed:
                 keep = self._error(rw, ex, 500, "internal proxy error; see the proxy's error log", close=True)
             else:
