@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
 import aioftp  # noqa: E402
-from common import Bench, PeerFailed, explain_failure, machine_note, progress  # noqa: E402
+from common import Bench, PeerFailed, _die_with_parent, explain_failure, machine_note, progress  # noqa: E402
 
 from webproxy.ftp import CHUNK, FtpPool, fetch  # noqa: E402
 
@@ -172,6 +173,46 @@ async def run(port: int, names: list[str], size: int, cases: list[tuple[str, Cas
     return results
 
 
+def exit_on_signals() -> None:
+    """Make SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and Bench still clean up. (Bench's
+    own handlers raise an exception that an event loop swallows; see run_async for loops.)"""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def run_async(coro):
+    """asyncio.run(coro), where SIGTERM, SIGHUP or SIGINT cancel the run and then raise SystemExit.
+
+    An exception raised by a Python signal handler can land inside an event-loop callback, where
+    the loop logs and drops it, and the run carries on against stopped peers; the loop's own
+    signal handlers avoid that."""
+    got: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
+        return await coro
+
+    try:
+        result = asyncio.run(main())
+    except asyncio.CancelledError:
+        if not got:
+            raise
+    finally:
+        # Closing the loop reset these to the defaults.
+        exit_on_signals()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if got:
+        raise SystemExit(128 + got[0])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=100)
@@ -191,6 +232,7 @@ def main() -> None:
     print(machine_note())
     cases = CASES + ([] if args.no_proxy else PROXY_CASES)
     with Bench(keep=args.keep) as bench:
+        exit_on_signals()
         root = bench.dir / "ftp"
         root.mkdir()
         month_ago = time.time() - 30 * 86400
@@ -211,10 +253,11 @@ def main() -> None:
                 print(f"webproxy: n/a ({explain_failure(str(e))}); proxy cases skipped", file=sys.stderr)
                 cases = CASES
         server = subprocess.Popen([sys.executable, "-c", SERVER, str(root), str(shared["retr_log"])],
-                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                  preexec_fn=_die_with_parent)
         try:
             port = int(server.stdout.readline())
-            results = asyncio.run(run(port, names, size, cases, shared))
+            results = run_async(run(port, names, size, cases, shared))
             retrs = {name: retr_count(shared, name) for name in names}
         finally:
             server.terminate()
