@@ -48,6 +48,7 @@ class Exchange:
 class Proxy:
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
+        self._via: dict[tuple[str, str], tuple[str, str]] = {}
 
     @property
     def cfg(self) -> Any:
@@ -136,7 +137,7 @@ class Proxy:
                 headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
                 headers.append(("Max-Forwards", str(n - 1)))
         headers.insert(0, ("Host", target.authority))
-        headers.append(("Via", f"{req.version} {self.cfg.server['name']} (webproxy/{__version__})"))
+        headers.append(self.via(req.version))
         if self.cfg.server["x_forwarded_for"]:
             prior = get_header(headers, "x-forwarded-for")
             headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
@@ -190,7 +191,11 @@ class Proxy:
         return HttpOriginResponse(resp)
 
     def via(self, version: str) -> tuple[str, str]:
-        return ("Via", f"{version} {self.cfg.server['name']} (webproxy/{__version__})")
+        name = self.cfg.server["name"]
+        cached = self._via.get((version, name))
+        if cached is None:
+            cached = self._via[(version, name)] = ("Via", f"{version} {name} (webproxy/{__version__})")
+        return cached
 
     async def forward(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target, headers: Headers) -> bool:
         """Plain pass-through: fetch and stream back, nothing stored."""

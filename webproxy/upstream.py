@@ -64,11 +64,14 @@ class Upstream:
             max_field_size=65536,
         )
         self.active = 0  # fetches in flight, read by the refresher's load check
+        self._timeouts: tuple[tuple[float, float] | None, aiohttp.ClientTimeout | None] = (None, None)
 
     def timeouts(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=None, sock_connect=self.cfg["connect_timeout"], sock_read=self.cfg["read_timeout"]
-        )
+        """Built once per config (SIGHUP may change it), not once per request."""
+        key = (self.cfg["connect_timeout"], self.cfg["read_timeout"])
+        if self._timeouts[0] != key:
+            self._timeouts = (key, aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1]))
+        return self._timeouts[1]
 
     async def request(
         self,
