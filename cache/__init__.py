@@ -18,6 +18,7 @@ Never imports `webproxy`. Modules, one job each:
     fill          Fill: a body streaming into the store
     rows          the diskcache row format (diskcache.Disk subclass)
     memory        the in-process memory tier
+    refresh       active refresh: which entries to refresh before they expire, and when
 
 How a front end uses it (one request; `now` = time.time(), headers as (str, str) lists):
 
