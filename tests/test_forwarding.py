@@ -147,6 +147,14 @@ def test_hop_by_hop_headers_are_stripped_and_via_added(proxy, origin):
     assert "webproxy" in header(resp, "via")
 
 
+def test_upstream_client_adds_no_headers_of_its_own(proxy, origin):
+    c = RawClient(proxy.port)
+    c.send(f"GET {origin.url('/echo/bare')} HTTP/1.1\r\nHost: x\r\nX-Only: this\r\n\r\n".encode())
+    _, body = c.response()
+    names = sorted(line.split(":")[0].lower() for line in body.decode().split("\n\n")[0].split("\n")[1:])
+    assert names == ["host", "via", "x-only"]  # no User-Agent, Accept, Accept-Encoding, Cookie...
+
+
 def test_x_forwarded_for_when_enabled(make_proxy, origin):
     p = make_proxy({"cache": {"enabled": False}, "server": {"x_forwarded_for": True}})
     r = curl("-x", p.url, "-H", "X-Forwarded-For: 10.9.9.9", origin.url("/echo/xff"))
