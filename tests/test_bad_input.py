@@ -46,6 +46,15 @@ def test_malformed_requests_get_400_and_the_connection_is_closed(proxy, request_
     assert proxy.proc.poll() is None
 
 
+@pytest.mark.parametrize("url", ["http://127..0.1/", "http://1270.0.1/", "http://127.0.0.999/", "http://a..b/",
+                                 "http://-bad.example/", "http://" + "a" * 64 + ".example/", "ftp://127.0..1/x",
+                                 "http://ex%41mple.com/"])
+def test_malformed_host_names_are_400_not_sent_upstream(proxy, url):
+    reply = raw(proxy.port, f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(reply) == 400 and b"bad" in reply.lower()
+    assert "Traceback" not in proxy.stderr()
+
+
 def test_bad_host_in_a_well_framed_request_gets_400_and_keeps_the_connection(proxy, origin):
     c = RawClient(proxy.port)
     c.send(b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n")

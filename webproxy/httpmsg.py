@@ -7,6 +7,7 @@ can read them without knowing about sockets, and so duplicates and order survive
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -80,6 +81,30 @@ class BadTarget(ValueError):
     """The request target cannot be used; the message says why, for the 400 body."""
 
 
+_LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_\-]{0,61}[a-z0-9_])?$")
+
+
+def check_host(host: str) -> str:
+    """`host` (lower-cased, IPv6 without brackets) if it is a usable name or address, else BadTarget:
+    a malformed name must be refused here, not handed to a resolver or a client library."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise BadTarget(f"bad IPv6 address in URL: {host[:100]!r}") from None
+        return host
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise BadTarget(f"bad IPv4 address in URL: {host[:100]!r}") from None
+        return host
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_LABEL_RE.match(label) for label in name.split(".")):
+        raise BadTarget(f"bad host name in URL: {host[:100]!r}")
+    return host
+
+
 def parse_absolute(url: str) -> Target:
     """Split `scheme://[userinfo@]host[:port]/path?query` (fragments are not sent by clients)."""
     m = _SCHEME_RE.match(url)
@@ -103,7 +128,7 @@ def parse_absolute(url: str) -> Target:
     hm = _HOST_RE.match(authority)
     if not hm or not authority:
         raise BadTarget(f"bad host in URL: {authority[:200]!r}")
-    host = (hm.group(1) or hm.group(2)).lower()
+    host = check_host((hm.group(1) or hm.group(2)).lower())
     port_text = hm.group(3)
     if port_text:
         port = int(port_text)
@@ -120,7 +145,7 @@ def parse_authority(value: str, default_port: int) -> tuple[str, int]:
     hm = _HOST_RE.match(value.strip())
     if not hm or not value.strip():
         raise BadTarget(f"bad host:port {value[:200]!r}")
-    host = (hm.group(1) or hm.group(2)).lower()
+    host = check_host((hm.group(1) or hm.group(2)).lower())
     port = int(hm.group(3)) if hm.group(3) else default_port
     if not 0 < port < 65536:
         raise BadTarget(f"bad port in {value[:200]!r}")
