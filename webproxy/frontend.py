@@ -82,7 +82,11 @@ class RequestBody:
         if self.expect_continue:
             self.expect_continue = False
             if not self.conn.response_started:
-                self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                try:
+                    self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except ClientGone as e:
+                    self.error = e  # so the handler sees a vanished client, not an upstream failure
+                    raise
         while not self.chunks:
             if self.error is not None:
                 raise self.error
