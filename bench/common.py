@@ -8,6 +8,7 @@ Benchmarks are not tests: they print figures for a person to compare side by sid
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -55,7 +56,7 @@ def object_body(name: str) -> bytes:
     return random.Random(f"webproxy-bench-{name}").randbytes(OBJECTS[name])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Best effort against leaks if the harness itself is SIGKILLed: the kernel then sends
     # SIGKILL to the child.  (Cleared when a peer changes uid, e.g. Squid; the normal path
     # is Bench.close().)
@@ -206,7 +207,7 @@ class Bench:
         log = pdir / "output.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent, env=env,
+                                    start_new_session=True, preexec_fn=die_with_parent, env=env,
                                     cwd=cwd or pdir)
         peer = Peer(name, port, proc, log, pdir, stop_timeout)
         self.peers.append(peer)
@@ -543,3 +544,43 @@ def write_json(path: str | None, data: object) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2, default=lambda o: dataclasses.asdict(o)))
     print(f"results written to {path}", file=sys.stderr)
+
+
+def exit_on_signals() -> None:
+    """Make SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and Bench still clean up. (Bench's
+    own handlers raise an exception that an event loop swallows; see run_async for loops.)"""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def run_async(coro):
+    """asyncio.run(coro), where SIGTERM, SIGHUP or SIGINT cancel the run and then raise SystemExit.
+
+    An exception raised by a Python signal handler can land inside an event-loop callback, where
+    the loop logs and drops it, and the run carries on against stopped peers; the loop's own
+    signal handlers avoid that."""
+    got: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
+        return await coro
+
+    try:
+        result = asyncio.run(main())
+    except asyncio.CancelledError:
+        if not got:
+            raise
+    finally:
+        # Closing the loop reset these to the defaults.
+        exit_on_signals()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if got:
+        raise SystemExit(128 + got[0])
+    return result

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,16 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
 import aioftp  # noqa: E402
-from common import Bench, PeerFailed, _die_with_parent, explain_failure, machine_note, progress  # noqa: E402
+from common import (  # noqa: E402
+    Bench,
+    PeerFailed,
+    die_with_parent,
+    exit_on_signals,
+    explain_failure,
+    machine_note,
+    progress,
+    run_async,
+)
 
 from webproxy.ftp import CHUNK, FtpPool, fetch  # noqa: E402
 
@@ -173,44 +181,6 @@ async def run(port: int, names: list[str], size: int, cases: list[tuple[str, Cas
     return results
 
 
-def exit_on_signals() -> None:
-    """Make SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and Bench still clean up. (Bench's
-    own handlers raise an exception that an event loop swallows; see run_async for loops.)"""
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
-def run_async(coro):
-    """asyncio.run(coro), where SIGTERM, SIGHUP or SIGINT cancel the run and then raise SystemExit.
-
-    An exception raised by a Python signal handler can land inside an event-loop callback, where
-    the loop logs and drops it, and the run carries on against stopped peers; the loop's own
-    signal handlers avoid that."""
-    got: list[int] = []
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
-        return await coro
-
-    try:
-        result = asyncio.run(main())
-    except asyncio.CancelledError:
-        if not got:
-            raise
-    finally:
-        # Closing the loop reset these to the defaults.
-        exit_on_signals()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if got:
-        raise SystemExit(128 + got[0])
-    return result
 
 
 def main() -> None:
@@ -254,7 +224,7 @@ def main() -> None:
                 cases = CASES
         server = subprocess.Popen([sys.executable, "-c", SERVER, str(root), str(shared["retr_log"])],
                                   stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
+                                  preexec_fn=die_with_parent)
         try:
             port = int(server.stdout.readline())
             results = run_async(run(port, names, size, cases, shared))

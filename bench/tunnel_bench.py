@@ -46,7 +46,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from common import Bench, PeerFailed, _die_with_parent, explain_failure, machine_note, progress  # noqa: E402
+from common import (  # noqa: E402
+    Bench,
+    PeerFailed,
+    die_with_parent,
+    exit_on_signals,
+    explain_failure,
+    machine_note,
+    progress,
+    run_async,
+)
 
 PARTS = ("iperf", "stream", "wrk", "tunnels")
 CONNECT_ROW = "webproxy-CONNECT"
@@ -96,7 +105,7 @@ class Procs:
 
     def start(self, cmd: list[str], **kw) -> subprocess.Popen:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent, **kw)
+                             stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent, **kw)
         self.procs.append(p)
         return p
 
@@ -302,44 +311,6 @@ def start_proxy(bench: Bench, connect_ports: list[int]) -> int | None:
     return peer.port
 
 
-def exit_on_signals() -> None:
-    """Make SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and Bench still clean up. (Bench's
-    own handlers raise an exception that an event loop swallows; see run_async for loops.)"""
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
-def run_async(coro):
-    """asyncio.run(coro), where SIGTERM, SIGHUP or SIGINT cancel the run and then raise SystemExit.
-
-    An exception raised by a Python signal handler can land inside an event-loop callback, where
-    the loop logs and drops it, and the run carries on against stopped peers; the loop's own
-    signal handlers avoid that."""
-    got: list[int] = []
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
-        return await coro
-
-    try:
-        result = asyncio.run(main())
-    except asyncio.CancelledError:
-        if not got:
-            raise
-    finally:
-        # Closing the loop reset these to the defaults.
-        exit_on_signals()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if got:
-        raise SystemExit(128 + got[0])
-    return result
 
 
 # --- the run --------------------------------------------------------------------------------
