@@ -132,7 +132,16 @@ def test_set_cookie_response_is_not_shared(cproxy, origin):
     url = origin.put("cookie", b"for one user", Cache_Control="max-age=600", Set_Cookie="session=abc")
     get(cproxy, url)
     _, fields, _ = get(cproxy, url)
-    assert origin.full["cookie"] == 2 or "set-cookie" not in fields
+    assert origin.full["cookie"] == 2
+    assert fields["set-cookie"] == "session=abc"  # each user still gets their own cookie
+
+
+def test_public_response_with_set_cookie_is_shared_without_the_cookie(cproxy, origin):
+    url = origin.put("pubcookie", b"same for all", Cache_Control="public, max-age=600", Set_Cookie="session=abc")
+    _, first, _ = get(cproxy, url)
+    _, second, body = get(cproxy, url)
+    assert origin.full["pubcookie"] == 1 and body == b"same for all"
+    assert first["set-cookie"] == "session=abc" and "set-cookie" not in second
 
 
 def test_large_object_is_served_byte_exact_from_its_file(cproxy, origin):
