@@ -294,7 +294,7 @@ async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> No
     loop.add_signal_handler(signal.SIGTERM, server.request_stop)
     loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    addrs = ", ".join(f"{h}:{p}" for h, p in server.listen_addrs)
+    addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.listen_addrs)
     server.log_error(f"listening on {addrs} (pid {os.getpid()})")
     await server.serve_until_stopped()
     server.log_error("stopped")
