@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 from cache.httpdate import format_http_date
 from cache.model import Policy, Request, StoredResponse
 from cache.vary import secondary_key
 
 T0 = 1_700_000_000.0  # when the stored responses arrived
 POLICY = Policy()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Clock:
+    """A clock the tests set by hand: pass it as a store's `clock=`."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
 
 
 def http_date(ts: float) -> str:

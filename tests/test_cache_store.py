@@ -14,17 +14,7 @@ import pytest
 
 from cache.model import StoredResponse
 from cache.store import Store
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.test_cache_rules_helpers import ROOT, T0, Clock
 
 
 def head(size: int | None, *extra, cc="max-age=3600", vary_pairs=()) -> StoredResponse:

@@ -117,29 +117,31 @@ class _Direction:
         else:
             self._want_read()
 
-    def _want_read(self) -> None:
+    def _drop_reader(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.src)
+            self.reading = False
+
+    def _drop_writer(self) -> None:
         if self.writing:
             self.loop.remove_writer(self.dst)
             self.writing = False
+
+    def _want_read(self) -> None:
+        self._drop_writer()
         if not self.reading:
             self.loop.add_reader(self.src, self._on_readable)
             self.reading = True
 
     def _want_write(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.src)
-            self.reading = False
+        self._drop_reader()
         if not self.writing:
             self.loop.add_writer(self.dst, self._on_writable)
             self.writing = True
 
     def stop(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.src)
-            self.reading = False
-        if self.writing:
-            self.loop.remove_writer(self.dst)
-            self.writing = False
+        self._drop_reader()
+        self._drop_writer()
         if self.pipe is not None:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
