@@ -11,7 +11,6 @@ Never imports `webproxy`. Modules, one job each:
     conditional   validation requests, 304 merge, client conditionals, stale-on-error
     decision      decide(request, stored, now, policy) -> Decision; respond(); head_for()
     invalidation  keys to drop after unsafe methods
-    logtags       Squid result codes
     collapse      collapsed forwarding (one fetch per key in flight)
     eviction      the GDSF score and diskcache eviction policy
     store         Store: lookup, publish, update, purge, counters
@@ -32,7 +31,7 @@ How a front end uses it (one request; `now` = time.time(), headers as (str, str)
         status, reason, fields = head_for(d, now)   # Age, Content-Length, Content-Range done
         body: hit.body (bytes) or hit.file (open; sendfile from hit.offset, hit.size bytes, or
         d.byte_range.start / .length for 206); nothing for 304/416/HEAD. hit.close() after.
-        store.count_hit(bytes_sent, memory=hit.in_memory); log logtags.served_tag(d, hit.in_memory)
+        store.count_hit(bytes_sent, memory=hit.in_memory)
         SWR: also revalidate in the background, as below, without a client.
     MISS:
         flight, leader = store.flights.join(key)
@@ -51,7 +50,6 @@ How a front end uses it (one request; `now` = time.time(), headers as (str, str)
         UPDATE: store.update(hit, o.stored); serve head_for(respond(rq, o.stored), now) + body
         REPLACE: like a MISS with the new response;  REFETCH: fetch again without validators
         SERVE_STALE: serve head_for(respond(rq, d.stored), now);  FORWARD_ERROR: relay the error
-        log logtags.revalidation_tag(o.action)
         A MISS whose request carries Range or client conditionals may forward them as they are
         (the 206/304 answer is not storable, as in Squid) or strip them to fill the cache.
         HEAD with REVALIDATE: a conditional HEAD upstream; a 200 answer goes through

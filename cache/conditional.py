@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from cache import cachecontrol
 from cache.freshness import current_age, directives, freshness_lifetime
 from cache.httpdate import parse_http_date
-from cache.model import Headers, Policy, Request, StoredResponse, get_all, get_one, without
-from cache.storable import HOP_BY_HOP, expected_length
+from cache.model import HOP_BY_HOP, Headers, Policy, Request, StoredResponse, get_all, get_one, without
+from cache.storable import expected_length
 
 # Client fields that would turn our validation or fill into something we cannot store.
 CLIENT_CONDITIONALS = {"if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range", "range"}

@@ -6,9 +6,7 @@ from __future__ import annotations
 from urllib.parse import urljoin
 
 from cache.key import BadURL, cache_key, origin_of
-from cache.model import Headers, get_one
-
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+from cache.model import SAFE_METHODS, Headers, get_one
 
 
 def invalidated_keys(method: str, url: str, status: int | None, response_headers: Headers) -> list[str]:

@@ -12,6 +12,16 @@ from typing import Any
 
 Headers = list[tuple[str, str]]
 
+# Facts about HTTP messages that the cache and the proxy both use; this is their one home.
+# Always hop-by-hop, whatever Connection says (RFC 9110 7.6.1). Proxy-Authorization is for the
+# proxy: consumed (or ignored) there and never passed on.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+     "proxy-authenticate", "proxy-authorization"}
+)
+DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 9.2.1
+
 
 def get_all(headers: Headers, name: str) -> list[str]:
     """Every value of `name`, in order (field lines are kept separate)."""

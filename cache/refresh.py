@@ -55,15 +55,6 @@ COST_SECONDS = 1.0  # a refresh taking this long costs as much again as the roun
 COST_BYTES = 1 << 20  # downloading this many bytes again costs as much as a round trip
 FAILURE_BACKOFF_MIN = 5.0  # seconds before a failed refresh of a key is tried again (at least)
 
-# Access-log codes for refreshes (client field "-"): distinct from the TCP_REFRESH_* codes of
-# client requests that revalidated, so `grep ACTIVE_REFRESH` finds exactly the refresher's work.
-LOG_TAGS = {
-    conditional.UPDATE: "TCP_ACTIVE_REFRESH_UNMODIFIED",
-    conditional.REPLACE: "TCP_ACTIVE_REFRESH_MODIFIED",
-}
-LOG_TAG_FAILED = "TCP_ACTIVE_REFRESH_FAIL"
-
-
 @dataclass(frozen=True)
 class Settings:
     """The [refresh] config section."""

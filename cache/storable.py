@@ -16,7 +16,7 @@ Decisions for a shared cache:
 from __future__ import annotations
 
 from cache import cachecontrol
-from cache.model import Headers, Request, StoredResponse, get_all, get_one
+from cache.model import HOP_BY_HOP, Headers, Request, StoredResponse, get_all, get_one
 from cache.vary import secondary_key, vary_names
 
 # 3: cacheable by default (heuristically cacheable, RFC 9110 15.1).
@@ -24,10 +24,6 @@ HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414
 # Status codes whose semantics this cache implements (for must-understand, 5.2.2.3).
 UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | {302, 303, 307, 400, 403, 500, 502, 503, 504}
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-     "proxy-authenticate", "proxy-authorization"}
-)
 
 
 def has_explicit_freshness(cc: cachecontrol.Directives, headers: Headers) -> bool:

@@ -205,11 +205,13 @@ class Store:
             self._gen = gen
             self.memory.clear()
 
-    def _get(self, key: str) -> tuple[tuple, bool] | None:
+    def _get(self, key: str, memory_only: bool = False) -> tuple[tuple, bool] | None:
         """(record, from_memory); record is ("index", names) or ("entry", head, body, path)."""
         rec = self.memory.get(key)
         if rec is not None:
             return rec, True
+        if memory_only:
+            return None
         try:
             value = self._cache.get(key)
         except (diskcache.Timeout, sqlite3.OperationalError):
@@ -239,15 +241,18 @@ class Store:
         self.memory.put(key, rec, len(body) if body is not None else _HEAD_COST)
         return rec, False
 
-    def lookup(self, url_key: str, request_headers: Headers) -> Hit | None:
+    def lookup(self, url_key: str, request_headers: Headers, count_use: bool = True,
+               memory_only: bool = False) -> Hit | None:
         """The stored response for `url_key` whose Vary matches `request_headers`, or None.
-        Counts as a use of the entry (popularity), whatever is then decided about it."""
+        Counts as a use of the entry (popularity), whatever is then decided about it, unless
+        `count_use` is False (the refresher's own look-ups; a caller that counts later with
+        count_use()). `memory_only`: only the in-process memory tier is consulted (no SQLite)."""
         mono = time.monotonic()
         if mono - self._gen_checked >= self.gen_check_interval:
             self._check_generation(mono)
         if mono - self._flushed >= self.flush_interval:
             self.flush()
-        got = self._get(url_key)
+        got = self._get(url_key, memory_only)
         if got is None:
             return None
         rec, _ = got
@@ -255,7 +260,7 @@ class Store:
         if rec[0] == "index":
             pairs = tuple((n, vary.normalise(request_headers, n)) for n in rec[1])
             key = url_key + SEP + vary.signature(pairs)
-            got = self._get(key)
+            got = self._get(key, memory_only)
             if got is None or got[0][0] != "entry":
                 return None
             rec, _ = got
@@ -267,12 +272,17 @@ class Store:
             except FileNotFoundError:  # culled or replaced by a process since we saw it
                 self.memory.pop(key)
                 return None
+        if count_use:
+            self.count_use(key, stored.body_size or 0)
+        return Hit(key, stored, body, path, 0, body is not None and got[1], file)
+
+    def count_use(self, key: str, size: int) -> None:
+        """One client use of row `key` (popularity, for eviction and active refresh)."""
         use = self._uses.get(key)
         if use is None:
-            self._uses[key] = [1, stored.body_size or 0]
+            self._uses[key] = [1, size]
         else:
             use[0] += 1
-        return Hit(key, stored, body, path, 0, body is not None and got[1], file)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -374,17 +384,6 @@ class Store:
     def count_refresh(self, name: str, n: int = 1) -> None:
         """Add to one of REFRESH_STAT_NAMES (persisted with the other counters)."""
         self._counts[name] += n
-
-    def uncount_use(self, key: str) -> None:
-        """Forget one use of row `key` counted by a lookup that was not a client's (the
-        refresher's own), so it does not make the row look popular."""
-        use = self._uses.get(key)
-        if use is None:
-            self._uses[key] = [-1, 0]
-        elif use[0] == 1:
-            del self._uses[key]
-        else:
-            use[0] -= 1
 
     def usage(self, since: float = 0.0) -> list[tuple[str, int, float, float]]:
         """(row key, access_count, access_time, store_time) of every stored response used or

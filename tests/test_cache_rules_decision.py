@@ -368,16 +368,6 @@ def test_stored_204_is_served_without_content_length():
     assert status == 204 and get_one(headers, "content-length") is None
 
 
-def test_log_tags_follow_squid():
-    from cache.logtags import revalidation_tag, served_tag
-
-    assert served_tag(d(req(), stored(FRESH60)), in_memory=True) == "TCP_MEM_HIT"
-    assert served_tag(d(req(), stored(FRESH60)), in_memory=False) == "TCP_HIT"
-    assert served_tag(d(req(("If-None-Match", '"v1"')), stored(FRESH60)), False) == "TCP_IMS_HIT"
-    assert revalidation_tag(UPDATE) == "TCP_REFRESH_UNMODIFIED"
-    assert revalidation_tag(SERVE_STALE) == "TCP_REFRESH_FAIL_OLD"
-
-
 def test_head_response_with_matching_validators_freshens_the_stored_get():
     from cache.conditional import freshen_with_head
 

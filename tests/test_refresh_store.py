@@ -66,22 +66,21 @@ def test_usage_tells_a_replaced_row_by_its_store_time(store, clock):
     assert (n1, n2) == (1, 0) and stored2 > stored1
 
 
-def test_a_use_taken_back_is_not_counted(store):
+def test_a_lookup_that_is_not_a_clients_use_is_not_counted(store):
     put(store, "http://e.com/a", b"a")
     store.lookup("http://e.com/a", []).close()
-    store.lookup("http://e.com/a", []).close()
-    store.uncount_use("http://e.com/a")
+    store.lookup("http://e.com/a", [], count_use=False).close()
     store.flush()
     assert uses(store)["http://e.com/a"][0] == 1
 
 
-def test_a_use_taken_back_after_its_flush_is_taken_back_at_the_next(store):
+def test_a_memory_only_lookup_never_reads_the_directory(store, tmp_path):
     put(store, "http://e.com/a", b"a")
-    store.lookup("http://e.com/a", []).close()
-    store.flush()
-    store.uncount_use("http://e.com/a")
-    store.flush()
-    assert uses(store)["http://e.com/a"][0] == 0
+    other = Store(str(tmp_path / "cache"))
+    assert other.lookup("http://e.com/a", [], memory_only=True) is None
+    assert other.lookup("http://e.com/a", []) is not None
+    assert other.lookup("http://e.com/a", [], memory_only=True) is not None
+    other.close()
 
 
 def test_stored_head_reads_the_directory_not_the_memory_tier(store, tmp_path):

@@ -1,8 +1,12 @@
-"""The disk cache in the request path: the RFC 9111 decisions live in `cache/` (pure functions);
-this module only carries them out with sockets and files, for http:// and ftp:// alike.
+"""The disk cache in the request path. What to do is decided by `cache.transaction` (pure steps
+over the RFC 9111 rules); this module is the one driver that carries the steps out with sockets
+and files, for client requests (http:// and ftp:// alike) and for background refreshes.
 
-One request: look up -> decide -> serve a hit / revalidate / fetch and fill while serving.
-Unsafe methods invalidate what they may have changed; PURGE removes a URL for admin clients.
+    begin -> Serve | Fetch | Answer | Pass;  Fetch -> after_fetch -> Serve | Store | Relay | Fetch
+
+Fresh hits from memory are answered in the parser callback (`answer_now`); everything else in the
+connection's serve task (`handle`). Unsafe methods invalidate what they may have changed; PURGE
+removes a URL for admin clients.
 """
 
 from __future__ import annotations
@@ -12,28 +16,28 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from cache import conditional, invalidation, logtags
-from cache.decision import Action, Decision, decide, head_for, respond
+from cache import conditional, invalidation, transaction
+from cache.decision import Action, Decision, decide, head_for
 from cache.freshness import age_header_value
 from cache.key import BadURL, cache_key
+from cache.model import SAFE_METHODS, StoredResponse
 from cache.model import Request as CacheRequest
-from cache.storable import is_storable, make_stored
-from cache.store import Hit, open_store
+from cache.store import Hit, Store
+from cache.transaction import Answer, Fetch, Pass, Relay, Serve, Step
+from cache.transaction import Store as StoreStep
+from webproxy import logcodes
+from webproxy.context import Env
+from webproxy.errors import ClientGone, UpstreamError
+from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.httpmsg import Headers, Target, serialize_head
-from webproxy.origin import OriginResponse
-from webproxy.proxy import Exchange
-from webproxy.upstream import UpstreamError
+from webproxy.origin import Opener, OriginResponse
 
-if TYPE_CHECKING:
-    from webproxy.server import ProxyServer
-
-Opener = Callable[[str, Headers], Awaitable[OriginResponse]]
-
-SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 READ_CHUNK = 256 * 1024
+SENDFILE_MIN = 64 * 1024  # below this a read and one write cost less than a sendfile call (measured)
 MAINTAIN_EVERY = 5.0
 
 
@@ -45,19 +49,52 @@ def origin_headers(resp: OriginResponse) -> Headers:
     return [*resp.headers, ("Content-Length", str(resp.length))]
 
 
+@dataclass(slots=True)
+class Client:
+    """The client side of a transaction; a background refresh has none."""
+
+    req: Request
+    rw: ResponseWriter
+    ex: Exchange
+
+
 class CacheLayer:
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        self.store = open_store(server.cfg.cache)
-        self.name = server.cfg.server["name"]
+    def __init__(self, env: Env, answers: Answers, store: Store) -> None:
+        self.env = env
+        self.answers = answers
+        self.store = store
         self.background: set[asyncio.Task[Any]] = set()
         self._maintainer = asyncio.get_running_loop().create_task(self._maintain_loop())
 
-    # ---- entry point --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.env.cfg.server["name"]
+
+    # ---- entry points ---------------------------------------------------------------------------
+    def answer_now(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool | None:
+        """A fresh 200 from the memory tier, answered synchronously (one dict lookup, one write);
+        None when this request needs more than that."""
+        try:
+            key = cache_key(target.origin_url)
+        except BadURL:
+            return None
+        hit = self.store.lookup(key, req.headers, count_use=False, memory_only=True)
+        if hit is None:
+            return None
+        if hit.body is None:
+            hit.close()
+            return None
+        now = time.time()
+        d = decide(CacheRequest(req.method, target.origin_url, req.headers), hit.stored, now, self.store.policy)
+        if d.action is not Action.HIT or d.status != 200:
+            return None
+        self.store.count_use(hit.key, hit.size)
+        return self.serve_fast(rw, ex, hit, now)
+
     async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange,
                      target: Target, lazy_headers: Headers | Callable[[], Headers], opener: Opener) -> bool | None:
         """Answer `req` through the cache; None means: not a cache matter, forward it plainly.
-        `lazy_headers`: the headers to send upstream, or a function that builds them."""
+        `lazy_headers`: the fields to send upstream, or a function that builds them."""
         method = req.method
         try:
             key = cache_key(target.origin_url)
@@ -66,41 +103,173 @@ class CacheLayer:
         if method == "PURGE":
             return self.purge(conn, rw, ex, key)
         if method not in ("GET", "HEAD"):
-            if method in SAFE:
+            if method in SAFE_METHODS:
                 return None
-            headers = lazy_headers() if callable(lazy_headers) else lazy_headers
-            return await self.unsafe(req, rw, ex, target, headers, opener)
-        now = time.time()
+            return await self.unsafe(req, rw, ex, target, self._headers(lazy_headers), opener)
         rq = CacheRequest(method, target.origin_url, req.headers)
         hit = self.store.lookup(key, req.headers)
-        d = decide(rq, hit.stored if hit else None, now, self.store.policy)
-        action = d.action
-        if action is Action.HIT and hit is not None and hit.body is not None and d.status == 200:
-            return self.serve_fast(rw, ex, hit, now)
-        headers = lazy_headers() if callable(lazy_headers) else lazy_headers
-        if action is Action.HIT or action is Action.STALE_WHILE_REVALIDATE:
-            assert hit is not None
-            if action is Action.STALE_WHILE_REVALIDATE:
-                self.spawn(self.revalidate_in_background(key, rq, d, headers, opener))
-            result = self.serve_any(req, rw, ex, hit, d, now, logtags.served_tag(d, hit.in_memory))
-            return await result if not isinstance(result, bool) else result
-        if hit is not None and action is not Action.REVALIDATE:
+        step = transaction.begin(rq, hit.stored if hit else None, time.time(), self.store.policy)
+        if isinstance(step, Serve) and not step.background and hit is not None and hit.body is not None \
+                and step.decision.status == 200:
+            return self.serve_fast(rw, ex, hit, time.time())
+        if not isinstance(step, Serve) and not (isinstance(step, Fetch) and step.conditional) and hit is not None:
             hit.close()
-        if action is Action.ONLY_IF_CACHED_MISS:
-            ex.code = "TCP_MISS"
-            return self.server.proxy._error(rw, ex, 504, f"{target.origin_url[:200]} is not in the cache "
-                                            "(the request said only-if-cached)")
-        if action is Action.PASS:
-            return None
-        if action is Action.REVALIDATE:
-            assert hit is not None
-            if method == "HEAD":
-                hit.close()
-                return None  # a HEAD does not refresh the stored GET; just ask the origin
-            return await self.revalidate(req, rw, ex, key, rq, hit, d, headers, opener)
-        return await self.miss(req, rw, ex, key, rq, headers, opener)
+            hit = None
+        result = await self.drive(key, rq, step, hit, lazy_headers, opener, Client(req, rw, ex))
+        return result if isinstance(result, bool) or result is None else None
 
-    # ---- hits ---------------------------------------------------------------------------------
+    async def refresh(self, url: str, rq: CacheRequest, stored: StoredResponse, headers: Headers,
+                      opener: Opener) -> str:
+        """Revalidate (or refetch) a stored entry with no client waiting: the background path of
+        stale-while-revalidate and of active refresh. Returns the outcome (conditional.UPDATE,
+        REPLACE, ...); a failure leaves the entry as it is."""
+        result = await self.drive(url, rq, transaction.refresh(stored), None, headers, opener, None)
+        assert isinstance(result, str)
+        return result
+
+    # ---- the driver -----------------------------------------------------------------------------
+    async def drive(self, key: str, rq: CacheRequest, step: Step, hit: Hit | None,
+                    lazy_headers: Headers | Callable[[], Headers], opener: Opener,
+                    client: Client | None) -> bool | str | None:
+        """Carry out `step` and the steps that follow. With a client: returns whether its
+        connection may serve another request (None: forward plainly). Without: the outcome."""
+        store = self.store
+        resp: OriginResponse | None = None
+        error: UpstreamError | None = None
+        leader = False  # we own the collapsed-forwarding flight of `key` (and must end it)
+        follower = False  # we waited for another request's fetch, in vain: we fetch, they store
+        tag_override: str | None = None
+        try:
+            while True:
+                if isinstance(step, Serve):
+                    if resp is not None:
+                        await resp.close(step.update is not None)
+                        resp = None
+                    if step.update is not None:
+                        if hit is None:
+                            hit = store.lookup(key, rq.headers, count_use=False)
+                        if hit is not None:
+                            store.update(hit, step.update)
+                            hit.stored = step.update
+                    if client is None:
+                        return step.outcome
+                    assert hit is not None
+                    if step.background and store.flights.get(key) is None and step.decision.stored is not None:
+                        self.spawn(self.refresh(key, rq, step.decision.stored, self._headers(lazy_headers), opener))
+                    tag = tag_override or (logcodes.served(step.decision, hit.in_memory) if step.outcome == transaction.HIT
+                                           else logcodes.revalidation(step.outcome))
+                    served, hit = hit, None
+                    return await self.serve(client, served, step.decision, tag)
+                if isinstance(step, Answer):
+                    assert client is not None
+                    client.ex.code = logcodes.MISS
+                    return self.answers.error(client.rw, client.ex, step.status, step.message)
+                if isinstance(step, Pass):
+                    return None if client is not None else transaction.MISS
+                if isinstance(step, Fetch):
+                    if not step.conditional and not leader:
+                        flight, leader = store.flights.join(key)
+                        if not leader and client is not None and step.outcome == transaction.MISS:
+                            # Someone is already fetching this URL: wait for their copy.
+                            follower = True
+                            if await flight.wait(self.env.cfg.cache["collapse_wait"]):
+                                hit = store.lookup(key, rq.headers)
+                                if hit is not None:
+                                    d = decide(rq, hit.stored, time.time(), store.policy)
+                                    if d.action is Action.HIT:
+                                        step, tag_override = Serve(d), logcodes.HIT
+                                        continue
+                                    hit.close()
+                                    hit = None
+                    if client is not None and step.outcome in (transaction.MISS, conditional.REFETCH):
+                        client.ex.code = logcodes.MISS if step.outcome == transaction.MISS \
+                            else logcodes.revalidation(step.outcome)
+                    method = rq.method if not step.conditional else "GET"
+                    t_req = time.time()
+                    try:
+                        resp = await opener(method, step.request_headers(self._headers(lazy_headers)))
+                    except UpstreamError as e:
+                        error, resp = e, None
+                    t_resp = time.time()
+                    if resp is None and not step.conditional:
+                        step = Relay(step.outcome)
+                        continue
+                    step = transaction.after_fetch(rq, step, resp.status if resp else None,
+                                                   origin_headers(resp) if resp else None,
+                                                   resp.reason if resp else "", t_req, t_resp, store.policy)
+                    if not isinstance(step, Serve) and hit is not None:
+                        hit.close()
+                        hit = None
+                    continue
+                if isinstance(step, StoreStep):
+                    assert resp is not None
+                    if not leader:
+                        _, leader = store.flights.join(key)
+                    if not leader or follower:
+                        if client is None:
+                            return conditional.FORWARD_ERROR
+                        step = Relay(step.outcome)
+                        continue
+                    fill = store.begin_fill(key, step.stored)
+                    leader = False  # the fill's commit or abort ends the flight
+                    if client is None:
+                        return await self._fill_quietly(resp, fill, step.outcome)
+                    r, resp = resp, None
+                    return await self._relay(client, r, step.outcome, fill)
+                assert isinstance(step, Relay)
+                if client is None:
+                    return self._not_refreshed(step.outcome)
+                if resp is None:
+                    assert error is not None
+                    client.ex.code = self._relay_tag(step.outcome)
+                    return self.answers.upstream_error(client.req, client.rw, client.ex, error)
+                r, resp = resp, None
+                return await self._relay(client, r, step.outcome, None)
+        finally:
+            if leader:
+                store.flights.finish(key, False)
+            if hit is not None:
+                hit.close()
+            if resp is not None:
+                await resp.close(False)
+
+    def _headers(self, lazy: Headers | Callable[[], Headers]) -> Headers:
+        return lazy() if callable(lazy) else lazy
+
+    @staticmethod
+    def _not_refreshed(outcome: str) -> str:
+        """A background refresh that stored nothing: why, for the refresher's counters."""
+        return conditional.FORWARD_ERROR if outcome in (transaction.MISS, conditional.REPLACE) else outcome
+
+    @staticmethod
+    def _relay_tag(outcome: str) -> str:
+        return logcodes.MISS if outcome == transaction.MISS else logcodes.revalidation(outcome)
+
+    async def _relay(self, client: Client, resp: OriginResponse, outcome: str, fill: Any) -> bool:
+        client.ex.code = self._relay_tag(outcome)
+        if outcome == conditional.FORWARD_ERROR:
+            extra = None
+        else:
+            self.store.count_miss()
+            extra = [("X-Cache", f"MISS from {self.name}")]
+        return await self.answers.relay(client.req, client.rw, client.ex, resp, sink=fill, extra=extra)
+
+    async def _fill_quietly(self, resp: OriginResponse, fill: Any, outcome: str) -> str:
+        """A background refresh's new body: into the store, nobody to relay it to."""
+        clean = False
+        try:
+            async for chunk in resp.chunks():
+                fill.write(chunk)
+            clean = True
+            return conditional.REPLACE if fill.commit() else conditional.FORWARD_ERROR
+        except Exception:
+            return conditional.FORWARD_ERROR
+        finally:
+            if fill.active:
+                fill.abort()
+            await resp.close(clean)
+
+    # ---- serving from the store -------------------------------------------------------------------
     def _head(self, rw: ResponseWriter, ex: Exchange, d: Decision, now: float, tag: str) -> int | None:
         status, reason, fields = head_for(d, now)
         length = None
@@ -110,12 +279,12 @@ class CacheLayer:
                 length = int(v)
             else:
                 out.append((k, v))
-        out.append(self.server.proxy.via("1.1"))
+        out.append(self.answers.via("1.1"))
         out.append(("X-Cache", f"HIT from {self.name}"))
         ex.status = status
         ex.code = tag
         if "REFRESH" not in tag:  # a refresh did go to the origin: keep its HIER_DIRECT
-            ex.hierarchy = "HIER_NONE/-"
+            ex.hierarchy = logcodes.HIER_NONE
         ex.ctype = next((v for k, v in out if k.lower() == "content-type"), None)
         rw.start(status, reason, out, length, has_body=status not in (304, 416))
         return length
@@ -128,12 +297,12 @@ class CacheLayer:
         if head is None:
             status, reason, fields = head_for(Decision(Action.HIT, stored, 200), now)
             fields = [(k, v) for k, v in fields if k.lower() != "age"]
-            fields.append(self.server.proxy.via("1.1"))
+            fields.append(self.answers.via("1.1"))
             fields.append(("X-Cache", f"HIT from {self.name}"))
             head = stored.memo["wire_head"] = serialize_head(status, reason, fields)[:-2]
             stored.memo["ctype"] = next((v for k, v in fields if k.lower() == "content-type"), None)
         ex.status = 200
-        ex.code = "TCP_MEM_HIT" if hit.in_memory else "TCP_HIT"
+        ex.code = logcodes.MEM_HIT if hit.in_memory else logcodes.HIT
         ex.ctype = stored.memo["ctype"]
         body = hit.body or b""
         rw.start_raw(head + b"Age: %d\r\n" % int(float(age_header_value(stored, now))), len(body))
@@ -141,230 +310,57 @@ class CacheLayer:
         self.store.count_hit(0 if rw.no_body else len(body), memory=hit.in_memory)
         return rw.end()
 
-    def serve(self, req: Request, rw: ResponseWriter, ex: Exchange, hit: Hit, d: Decision, now: float,
-              tag: str | None = None) -> bool:
-        """A hit whose body is in memory (or that has no body to send)."""
+    async def serve(self, client: Client, hit: Hit, d: Decision, tag: str) -> bool:
+        """A hit: its body from memory, or from its file (sendfile while the client keeps up)."""
+        rw, ex = client.rw, client.ex
         try:
-            self._head(rw, ex, d, now, tag or logtags.served_tag(d, hit.in_memory))
-            body = hit.body or b""
-            if d.status == 206 and d.byte_range is not None:
-                body = body[d.byte_range.start : d.byte_range.start + d.byte_range.length]
-            if not rw.no_body:
+            self._head(rw, ex, d, time.time(), tag)
+            if hit.body is not None or rw.no_body:
+                body = hit.body or b""
+                if d.status == 206 and d.byte_range is not None:
+                    body = body[d.byte_range.start : d.byte_range.start + d.byte_range.length]
                 rw.write(body)
-            self.store.count_hit(len(body) if not rw.no_body else 0, memory=hit.in_memory)
-            return rw.end()
-        finally:
-            hit.close()
-
-    async def serve_file(self, req: Request, rw: ResponseWriter, ex: Exchange, hit: Hit, d: Decision, now: float,
-                         tag: str | None = None) -> bool:
-        """A hit whose body is a file: read it in bounded chunks, with backpressure."""
-        try:
-            self._head(rw, ex, d, now, tag or logtags.served_tag(d, hit.in_memory))
+                self.store.count_hit(0 if rw.no_body else len(body), memory=hit.in_memory)
+                return rw.end()
             start, count = hit.offset, hit.size
             if d.status == 206 and d.byte_range is not None:
                 start, count = hit.offset + d.byte_range.start, d.byte_range.length
-            sent = 0
             if hit.file is None:
                 raise OSError("stored body file is missing")
-            fd = hit.file.fileno()
-            while sent < count:
-                chunk = os.pread(fd, min(READ_CHUNK, count - sent), start + sent)
-                if not chunk:
-                    raise OSError("stored body file is shorter than its entry says")
-                await rw.send(chunk)
-                sent += len(chunk)
-            self.store.count_hit(sent, memory=False)
+            await send_file(rw, hit.file.fileno(), start, count)
+            self.store.count_hit(count, memory=False)
             return rw.end()
         except OSError as e:
-            self.server.log_error(f"cache: cannot read the stored body for {req.target[:200]}: {e}")
+            self.env.log_error(f"cache: cannot read the stored body for {client.req.target[:200]}: {e}")
             if rw.conn.response_started:
                 rw.conn.abort()
                 return False
-            return self.server.proxy._error(rw, ex, 500, "the cached copy could not be read")
+            return self.answers.error(rw, ex, 500, "the cached copy could not be read")
         finally:
             hit.close()
-
-    def serve_any(self, req: Request, rw: ResponseWriter, ex: Exchange, hit: Hit, d: Decision, now: float,
-                  tag: str) -> Awaitable[bool] | bool:
-        if hit.body is not None or d.status in (304, 416) or req.method == "HEAD":
-            return self.serve(req, rw, ex, hit, d, now, tag)
-        return self.serve_file(req, rw, ex, hit, d, now, tag)
-
-    # ---- misses -------------------------------------------------------------------------------
-    async def miss(self, req: Request, rw: ResponseWriter, ex: Exchange, key: str, rq: CacheRequest,
-                   headers: Headers, opener: Opener) -> bool:
-        flight, leader = self.store.flights.join(key)
-        if not leader:
-            # Someone is already fetching this URL: wait for their copy instead of asking again.
-            if await flight.wait(self.server.cfg.cache["collapse_wait"]):
-                hit = self.store.lookup(key, req.headers)
-                if hit is not None:
-                    d = decide(rq, hit.stored, time.time(), self.store.policy)
-                    if d.action is Action.HIT:
-                        result = self.serve_any(req, rw, ex, hit, d, time.time(), "TCP_HIT")
-                        return await result if not isinstance(result, bool) else result
-                    hit.close()
-            return await self.fetch_and_fill(req, rw, ex, None, rq, headers, opener)
-        return await self.fetch_and_fill(req, rw, ex, key, rq, headers, opener)
-
-    async def fetch_and_fill(self, req: Request, rw: ResponseWriter, ex: Exchange, key: str | None,
-                             rq: CacheRequest, headers: Headers, opener: Opener, tag: str = "TCP_MISS") -> bool:
-        """Fetch; stream to the client and, when storable and `key` is ours to fill, to the store."""
-        ex.code = tag
-        t_req = time.time()
-        try:
-            resp = await opener(req.method, headers)
-        except UpstreamError as e:
-            if key is not None:
-                self.store.flights.finish(key, False)
-            return self.server.proxy._upstream_error(req, rw, ex, e)
-        except BaseException:
-            if key is not None:
-                self.store.flights.finish(key, False)
-            raise
-        t_resp = time.time()
-        self.store.count_miss()
-        fill = None
-        if key is not None:
-            fields = origin_headers(resp)
-            if req.method == "GET" and is_storable(rq, resp.status, fields):
-                fill = self.store.begin_fill(key, make_stored(rq, resp.status, resp.reason, fields, t_req, t_resp))
-            else:
-                self.store.flights.finish(key, False)
-        return await self.server.proxy.relay_response(req, rw, ex, resp, sink=fill,
-                                                      extra=[("X-Cache", f"MISS from {self.name}")])
-
-    # ---- validation ---------------------------------------------------------------------------
-    async def revalidate(self, req: Request, rw: ResponseWriter, ex: Exchange, key: str, rq: CacheRequest,
-                         hit: Hit, d: Decision, headers: Headers, opener: Opener) -> bool:
-        stored = d.stored
-        assert stored is not None
-        t_req = time.time()
-        resp: OriginResponse | None = None
-        error: UpstreamError | None = None
-        try:
-            resp = await opener("GET", conditional.revalidation_request_headers(headers, stored))
-        except UpstreamError as e:
-            error = e
-        except BaseException:
-            hit.close()
-            raise
-        t_resp = time.time()
-        o = conditional.revalidation_outcome(rq, stored, resp.status if resp else None,
-                                             origin_headers(resp) if resp else None, t_req, t_resp,
-                                             self.store.policy)
-        tag = logtags.revalidation_tag(o.action)
-        if o.action == conditional.UPDATE:
-            assert resp is not None and o.stored is not None
-            await resp.close(True)
-            self.store.update(hit, o.stored)
-            hit.stored = o.stored
-            result = self.serve_any(req, rw, ex, hit, respond(rq, o.stored), time.time(), tag)
-            return await result if not isinstance(result, bool) else result
-        if o.action == conditional.SERVE_STALE:
-            if resp is not None:
-                await resp.close(False)
-            result = self.serve_any(req, rw, ex, hit, respond(rq, stored), time.time(), tag)
-            return await result if not isinstance(result, bool) else result
-        hit.close()
-        if o.action == conditional.FORWARD_ERROR:
-            ex.code = tag
-            if resp is None:
-                assert error is not None
-                return self.server.proxy._upstream_error(req, rw, ex, error)
-            return await self.server.proxy.relay_response(req, rw, ex, resp)
-        if o.action == conditional.REPLACE and resp is not None:
-            ex.code = tag
-            self.store.count_miss()
-            fill = None
-            fields = origin_headers(resp)
-            if is_storable(rq, resp.status, fields):
-                flight, leader = self.store.flights.join(key)
-                if leader:
-                    fill = self.store.begin_fill(key, make_stored(rq, resp.status, resp.reason, fields, t_req, t_resp))
-            return await self.server.proxy.relay_response(req, rw, ex, resp, sink=fill,
-                                                          extra=[("X-Cache", f"MISS from {self.name}")])
-        # REFETCH: the 304 did not match what we hold; fetch it whole.
-        if resp is not None:
-            await resp.close(True)
-        flight, leader = self.store.flights.join(key)
-        return await self.fetch_and_fill(req, rw, ex, key if leader else None, rq, headers, opener, tag)
-
-    async def refresh(self, key: str, rq: CacheRequest, stored: Any, headers: Headers, opener: Opener) -> str:
-        """Revalidate (or refetch) a stored entry with no client waiting: the background path of
-        stale-while-revalidate and of active refresh. Returns the outcome (conditional.UPDATE,
-        REPLACE, ...); a failure leaves the entry as it is."""
-        t_req = time.time()
-        try:
-            resp = await opener("GET", conditional.revalidation_request_headers(headers, stored))
-        except UpstreamError:
-            return conditional.FORWARD_ERROR
-        t_resp = time.time()
-        o = conditional.revalidation_outcome(rq, stored, resp.status, origin_headers(resp), t_req, t_resp,
-                                             self.store.policy)
-        if o.action == conditional.UPDATE:
-            await resp.close(True)
-            hit = self.store.lookup(key, rq.headers)
-            if hit is not None:
-                with hit:
-                    self.store.update(hit, o.stored)
-            return o.action
-        if o.action == conditional.REPLACE and is_storable(rq, resp.status, origin_headers(resp)):
-            flight, leader = self.store.flights.join(key)
-            if not leader:
-                await resp.close(False)
-                return conditional.FORWARD_ERROR
-            fill = self.store.begin_fill(key, make_stored(rq, resp.status, resp.reason, origin_headers(resp),
-                                                          t_req, t_resp))
-            clean = False
-            try:
-                async for chunk in resp.chunks():
-                    fill.write(chunk)
-                clean = True
-                fill.commit()
-            except Exception:
-                fill.abort()
-                return conditional.FORWARD_ERROR
-            finally:
-                if fill.active:
-                    fill.abort()
-                await resp.close(clean)
-            return o.action
-        await resp.close(False)
-        return o.action if o.action != conditional.REPLACE else conditional.FORWARD_ERROR
-
-    async def revalidate_in_background(self, key: str, rq: CacheRequest, d: Decision, headers: Headers,
-                                       opener: Opener) -> None:
-        if self.store.flights.get(key) is not None:
-            return
-        assert d.stored is not None
-        await self.refresh(key, rq, d.stored, headers, opener)
 
     # ---- unsafe methods, PURGE ----------------------------------------------------------------
     async def unsafe(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target, headers: Headers,
                      opener: Opener) -> bool:
         """Forward, then drop what the response says may have changed (RFC 9111 4.4)."""
-        ex.code = "TCP_MISS"
+        ex.code = logcodes.MISS
         try:
             resp = await opener(req.method, headers)
         except UpstreamError as e:
-            return self.server.proxy._upstream_error(req, rw, ex, e)
+            return self.answers.upstream_error(req, rw, ex, e)
         keys = invalidation.invalidated_keys(req.method, target.origin_url, resp.status, resp.headers)
         if keys:
             self.store.invalidate(keys)
-        return await self.server.proxy.relay_response(req, rw, ex, resp)
+        return await self.answers.relay(req, rw, ex, resp)
 
     def purge(self, conn: ClientConnection, rw: ResponseWriter, ex: Exchange, key: str) -> bool:
-        proxy = self.server.proxy
-        if not self.server.is_admin(conn):
-            ex.code = "TCP_DENIED"
-            return proxy._error(rw, ex, 403, f"access denied: PURGE is for admin clients (access.admin_clients); "
-                                f"{conn.client_ip} is not one")
+        if not self.env.is_admin(conn.client_ip):
+            return self.answers.deny(rw, ex, 403, f"access denied: PURGE is for admin clients "
+                                     f"(access.admin_clients); {conn.client_ip} is not one")
         removed = self.store.purge(key)
-        ex.code = "TCP_MISS"
+        ex.code = logcodes.MISS
         if not removed:
-            return proxy._error(rw, ex, 404, f"{key} was not in the cache")
+            return self.answers.error(rw, ex, 404, f"{key} was not in the cache")
         ex.status = 200
         body = f"purged {key}\n".encode()
         ex.ctype = "text/plain"
@@ -385,7 +381,7 @@ class CacheLayer:
             try:
                 await loop.run_in_executor(None, self.store.maintain)
             except Exception as e:
-                self.server.log_error(f"cache maintenance failed: {e!r}")
+                self.env.log_error(f"cache maintenance failed: {e!r}")
 
     def status_rows(self) -> list[tuple[str, str]]:
         s = self.store.stats()
@@ -399,3 +395,35 @@ class CacheLayer:
         with contextlib.suppress(Exception):
             await asyncio.gather(self._maintainer, *self.background, return_exceptions=True)
         self.store.close()
+
+
+async def send_file(rw: ResponseWriter, fd: int, start: int, count: int) -> None:
+    """`count` bytes of file `fd` from `start` to the client. While the transport's buffer is
+    empty the kernel copies file to socket itself (os.sendfile: zero-copy, as the seed's proxy did
+    with TransmitFile); when the client lags, one chunk is read and queued, so the transport's
+    flow control waits for it and memory stays at one chunk plus the write buffer."""
+    conn = rw.conn
+    rw.flush_head()
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    out_fd = sock.fileno() if sock is not None and count >= SENDFILE_MIN else -1
+    sent = 0
+    while sent < count:
+        if conn.closed:
+            raise ClientGone("client closed the connection")
+        if out_fd >= 0 and conn.write_buffer_size() == 0:
+            try:
+                n = os.sendfile(out_fd, fd, start + sent, count - sent)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                out_fd = -1  # not a socket sendfile can write to: read and write instead
+                n = 0
+            if n:
+                sent += n
+                rw.nbytes += n
+                continue
+        chunk = os.pread(fd, min(READ_CHUNK, count - sent), start + sent)
+        if not chunk:
+            raise OSError("stored body file is shorter than its entry says")
+        await rw.send(chunk)
+        sent += len(chunk)

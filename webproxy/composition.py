@@ -1,47 +1,74 @@
-"""Plugs the optional layers (disk cache, ftp, transparent listeners, port forwarders) into a
-started ProxyServer, each according to its config section."""
+"""Plugs the optional layers (disk cache and active refresh, transparent listeners, port
+forwarders) into a started proxy, each according to its config section."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from webproxy.server import ProxyServer
+from cache.store import open_store
+from tunnel.connect import Resolver
+from tunnel.forwarder import serve_forwarders
+from tunnel.transparent import TransparentListener
+from webproxy.caching import CacheLayer
+from webproxy.config import Config
+from webproxy.context import Env
+from webproxy.exchange import Answers
+from webproxy.frontend import ClientConnection, ConnectionHost
+from webproxy.refresher import RefreshHost
+from webproxy.refresher import attach as attach_refresher
+from webproxy.startup import StartupError, listen_error
 
 
-async def attach_layers(server: ProxyServer) -> None:
+class Composable(Env, RefreshHost, ConnectionHost, Protocol):
+    """The running proxy as the composition sees it."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    answers: Answers
+    resolve: Resolver
+    listen_addrs: list[tuple[str, int]]
+    closers: list[Callable[[], Awaitable[None]]]
+
+    def attach_cache(self, layer: CacheLayer) -> None: ...
+
+
+async def attach_layers(proxy: Composable) -> None:
     """Raises StartupError (one line for the user) when a transparent or tunnel listener cannot bind."""
-    from webproxy.ftpgate import FtpGate
-
-    server.ftp_layer = FtpGate(server)
-    if server.cfg.cache["enabled"]:
-        from webproxy.caching import CacheLayer
-
-        server.cache_layer = CacheLayer(server)
-        if server.cfg.refresh["enabled"]:
-            from webproxy.refresher import attach
-
-            attach(server)
-    cfg = server.cfg
+    cfg = proxy.cfg
+    if cfg.cache["enabled"]:
+        layer = CacheLayer(proxy, proxy.answers, open_store(cfg.cache))
+        proxy.attach_cache(layer)
+        attach_refresher(proxy, layer)
     if cfg.transparent["listen"]:
-        await _start_transparent(server)
+        await _start_transparent(proxy)
     if cfg.tunnel:
-        await _start_forwarders(server)
+        await _start_forwarders(proxy)
 
 
-async def _start_transparent(server: ProxyServer) -> None:
-    from tunnel.transparent import TransparentListener
-    from webproxy.server import StartupError, _listen_error
-    from webproxy.transparent import on_http_factory
+def on_http_factory(proxy: ConnectionHost) -> Any:
+    """The callback tunnel.transparent calls with a socket whose first bytes look like HTTP."""
 
-    cfg = server.cfg
+    async def on_http(sock: socket.socket, initial: bytes, orig_dst: tuple[str, int], client_addr: Any) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(
+            lambda: ClientConnection(proxy, initial=initial, transparent_dst=orig_dst), sock)
+
+    return on_http
+
+
+async def _start_transparent(proxy: Composable) -> None:
+    cfg = proxy.cfg
     listener = TransparentListener(
-        cfg.transparent["listen"], on_http=on_http_factory(server), mode=cfg.transparent["mode"],
+        cfg.transparent["listen"], on_http=on_http_factory(proxy), mode=cfg.transparent["mode"],
         sniff_bytes=cfg.transparent["sniff_bytes"], sniff_timeout=cfg.transparent["sniff_timeout"],
         connect_timeout=cfg.upstream["connect_timeout"], idle_timeout=cfg.server["idle_timeout"] or None,
         spoof_client_address=cfg.transparent["spoof_client_address"],
-        own_listeners=[*server.listen_addrs, *cfg.transparent["listen"]], resolve=server.resolve,
-        log=lambda line: server.log_error(line, "info"))
+        own_listeners=[*proxy.listen_addrs, *cfg.transparent["listen"]], resolve=proxy.resolve,
+        log=lambda line: proxy.log_error(line, "info"))
     try:
         listener.start()
     except OSError as e:
@@ -49,26 +76,21 @@ async def _start_transparent(server: ProxyServer) -> None:
         if e.errno in (1, 13):  # EPERM/EACCES: IP_TRANSPARENT needs CAP_NET_ADMIN
             raise StartupError(f"cannot open the transparent listener ({cfg.transparent['mode']} mode): {e.strerror}; "
                                "TPROXY needs root or CAP_NET_ADMIN") from None
-        raise StartupError(_listen_error(host, port, e)) from None
-    server.closers.append(listener.close)
+        raise StartupError(listen_error(host, port, e)) from None
+    proxy.closers.append(listener.close)
 
 
-async def _start_forwarders(server: ProxyServer) -> None:
-    import asyncio
-
-    from tunnel.forwarder import serve_forwarders
-    from webproxy.server import StartupError, _listen_error
-
+async def _start_forwarders(proxy: Composable) -> None:
     started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     task = asyncio.ensure_future(serve_forwarders(
-        server.cfg.tunnel, log=lambda line: server.log_error(line, "info"), resolve=server.resolve,
+        proxy.cfg.tunnel, log=lambda line: proxy.log_error(line, "info"), resolve=proxy.resolve,
         started=lambda *_: started.done() or started.set_result(None)))
     done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         e = task.exception()
         if isinstance(e, OSError):
             host, port = getattr(e, "listen", ("?", 0))
-            raise StartupError(_listen_error(host, port, e)) from None
+            raise StartupError(listen_error(host, port, e)) from None
         if e is not None:
             raise e
 
@@ -76,4 +98,4 @@ async def _start_forwarders(server: ProxyServer) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    server.closers.append(stop)
+    proxy.closers.append(stop)

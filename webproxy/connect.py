@@ -4,66 +4,69 @@ sent to the client and the tunnel's duration."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from tunnel.connect import UpstreamDNSError, UpstreamError, UpstreamTimeout, open_upstream
+from tunnel.connect import Resolver, UpstreamDNSError, UpstreamError, UpstreamTimeout, open_upstream
 from tunnel.relay import relay
+from webproxy import logcodes
 from webproxy.acl import domain_denied
+from webproxy.context import Env
+from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.httpmsg import BadTarget, has_via_loop, parse_authority
-from webproxy.proxy import Exchange
-
-if TYPE_CHECKING:
-    from webproxy.server import ProxyServer
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-async def handle_connect(server: ProxyServer, conn: ClientConnection, req: Request, rw: ResponseWriter,
-                         ex: Exchange) -> bool:
-    proxy = server.proxy
-    cfg = server.cfg
-    try:
-        host, port = parse_authority(req.target, 0)
-        if port == 0:
-            raise BadTarget(f"CONNECT needs host:port, got {req.target[:200]!r}")
-    except BadTarget as e:
-        return proxy._error(rw, ex, 400, str(e), close=True)
-    if port not in cfg.access["connect_ports"]:
-        ex.code = "TCP_DENIED"
-        allowed = ", ".join(str(p) for p in cfg.access["connect_ports"]) or "none"
-        return proxy._error(rw, ex, 403, f"access denied: CONNECT to port {port} is not allowed "
-                            f"(allowed ports: {allowed}; see access.connect_ports)", close=True)
-    why = domain_denied(host, cfg.access)
-    if why:
-        ex.code = "TCP_DENIED"
-        return proxy._error(rw, ex, 403, f"access denied: {why}", close=True)
-    if has_via_loop(req.headers, cfg.server["name"]) or server.is_self(host, port):
-        ex.code = "TCP_DENIED"
-        return proxy._error(rw, ex, 508, f"forwarding loop detected: CONNECT to {host}:{port} is this proxy", close=True)
-    ex.code = "TCP_TUNNEL"
-    try:
-        upstream = await open_upstream(host, port, timeout=cfg.upstream["connect_timeout"], resolve=server.resolve)
-    except UpstreamDNSError as e:
-        return proxy._error(rw, ex, 502, f"cannot resolve {host}: {e}", close=True)
-    except UpstreamTimeout as e:
-        return proxy._error(rw, ex, 504, f"timed out connecting to {e}", close=True)
-    except UpstreamError as e:
-        return proxy._error(rw, ex, 502, f"cannot connect to {e}", close=True)
-    peer = upstream.getpeername()
-    ex.hierarchy = f"HIER_DIRECT/{peer[0]}"
-    ex.status = 200
-    try:
-        conn.write(ESTABLISHED)
-        client = await conn.detach()
-    except Exception:
-        upstream.close()
-        raise
-    rw.nbytes = len(ESTABLISHED)
-    try:
-        result = await relay(client, upstream, client_initial=conn.upgrade_rest or b"",
-                             idle_timeout=cfg.server["idle_timeout"] or None)
-        rw.nbytes += result.upstream_to_client
-    finally:
-        server.release(conn)
-    return False
+class ConnectHandler:
+    def __init__(self, env: Env, answers: Answers, resolve: Resolver,
+                 release: Callable[[ClientConnection], None]) -> None:
+        self.env = env
+        self.answers = answers
+        self.resolve = resolve
+        self.release = release  # the tunnel holds the client's admission slot until it ends
+
+    async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        answers, cfg = self.answers, self.env.cfg
+        try:
+            host, port = parse_authority(req.target, 0)
+            if port == 0:
+                raise BadTarget(f"CONNECT needs host:port, got {req.target[:200]!r}")
+        except BadTarget as e:
+            return answers.error(rw, ex, 400, str(e), close=True)
+        if port not in cfg.access["connect_ports"]:
+            allowed = ", ".join(str(p) for p in cfg.access["connect_ports"]) or "none"
+            return answers.deny(rw, ex, 403, f"access denied: CONNECT to port {port} is not allowed "
+                                f"(allowed ports: {allowed}; see access.connect_ports)", close=True)
+        why = domain_denied(host, cfg.access)
+        if why:
+            return answers.deny(rw, ex, 403, f"access denied: {why}", close=True)
+        if has_via_loop(req.headers, cfg.server["name"]) or self.env.is_self(host, port):
+            return answers.deny(rw, ex, 508, f"forwarding loop detected: CONNECT to {host}:{port} is this proxy",
+                                close=True)
+        ex.code = logcodes.TUNNEL
+        try:
+            upstream = await open_upstream(host, port, timeout=cfg.upstream["connect_timeout"], resolve=self.resolve)
+        except UpstreamDNSError as e:
+            return answers.error(rw, ex, 502, f"cannot resolve {host}: {e}", close=True)
+        except UpstreamTimeout as e:
+            return answers.error(rw, ex, 504, f"timed out connecting to {e}", close=True)
+        except UpstreamError as e:
+            return answers.error(rw, ex, 502, f"cannot connect to {e}", close=True)
+        peer = upstream.getpeername()
+        ex.hierarchy = logcodes.hier_direct(peer[0])
+        ex.status = 200
+        try:
+            conn.write(ESTABLISHED)
+            client = await conn.detach()
+        except Exception:
+            upstream.close()
+            raise
+        rw.nbytes = len(ESTABLISHED)
+        try:
+            result = await relay(client, upstream, client_initial=conn.upgrade_rest or b"",
+                                 idle_timeout=cfg.server["idle_timeout"] or None)
+            rw.nbytes += result.upstream_to_client
+        finally:
+            self.release(conn)
+        return False

@@ -2,7 +2,9 @@
 parsing, pipelined requests answered in order by one serve loop, request bodies streamed with
 backpressure, and response framing (length, chunked, or close-delimited for HTTP/1.0).
 
-What to do with a request is not decided here: `handler(conn, request)` does that.
+What to do with a request is not decided here: the `ConnectionHost` does that (`answer_now` in the
+parser callback for what can be answered at once, `handle` in the serve task for the rest). When the
+connection stays open is decided by the pure rules of `webproxy.http1`.
 """
 
 from __future__ import annotations
@@ -12,31 +14,21 @@ import contextlib
 import re
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, Protocol
 
 import httptools
 
 from tunnel.relay import detach_socket
+from webproxy import http1
+from webproxy.errors import ClientGone, Reject
+from webproxy.http1 import ConnState, Framing
 from webproxy.httpmsg import Headers, error_body, reason_phrase, serialize_head
 
 BODY_HIGH = 1 << 20  # pause reading the client when this much request body is waiting upstream
 BODY_LOW = 1 << 18
 MAX_PIPELINE = 16  # parsed-but-unanswered requests before we stop reading the client
 WRITE_HIGH = 1 << 18
-
-
-class ClientGone(Exception):
-    """The client closed its connection (or stopped reading for longer than the idle timeout)."""
-
-
-class Reject(Exception):
-    """A request the parser side refuses outright: status code and a sentence for the body."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class RequestBody:
@@ -129,17 +121,38 @@ class ParseFailure:
         self.start = start
 
 
-Handler = Callable[["ClientConnection", Request], Awaitable[None]]
+class ConnectionHost(Protocol):
+    """What a client connection needs from the proxy around it, and nothing more."""
+
+    @property
+    def limits(self) -> Mapping[str, Any]: ...  # the live [server] section (SIGHUP may replace it)
+
+    def now(self) -> float: ...
+
+    def admit(self, conn: ClientConnection) -> tuple[int, str] | None: ...
+
+    def release(self, conn: ClientConnection) -> None: ...
+
+    def denied(self, conn: ClientConnection) -> bool: ...
+
+    def on_parse_failure(self, conn: ClientConnection, item: ParseFailure) -> None: ...
+
+    def answer_now(self, conn: ClientConnection, req: Request) -> bool: ...
+
+    def handle(self, conn: ClientConnection, req: Request) -> Awaitable[bool]: ...
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client connection. `server` provides: cfg, handler, admit/release, log, on_parse_failure."""
+    """One client connection: parse, queue in order, answer, decide (by http1.keep_open) whether
+    to go on. Its lifecycle is `state` (http1.ConnState)."""
 
-    def __init__(self, server: Any, initial: bytes = b"", transparent_dst: tuple[str, int] | None = None) -> None:
-        self.server = server
+    def __init__(self, host: ConnectionHost, initial: bytes = b"",
+                 transparent_dst: tuple[str, int] | None = None) -> None:
+        self.host = host
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.state = ConnState.IDLE
         self.client_ip = "-"
         self.client_port = 0
         self.pending: deque[Request | ParseFailure] = deque()
@@ -147,9 +160,6 @@ class ClientConnection(asyncio.Protocol):
         self.initial = initial
         self.upgrade_rest: bytes | None = None
         self.response_started = False
-        self.closed = False
-        self.closing = False  # graceful shutdown: answer what is in flight, then close
-        self.busy = False
         self.denied = False
         self.served = 0
         self._admitted = False
@@ -159,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
         self._completed = 0
         self._stash = b""
         self._method_override: str | None = None
+        self._held: Request | None = None  # a bodiless request, until its message completes
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -167,30 +178,42 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._reset_message()
 
-    # ---- connection lifecycle -------------------------------------------------------------
+    # ---- lifecycle ----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """No more bytes can be written to this client (closed, or handed to a tunnel)."""
+        return self.state is ConnState.CLOSED or self.state is ConnState.DETACHED
+
+    @property
+    def busy(self) -> bool:
+        return self.state is ConnState.BUSY or self.state is ConnState.DRAINING
+
+    def _to(self, state: ConnState) -> None:
+        self.state = http1.next_state(self.state, state)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip, self.client_port = peer[0], peer[1]
-        refusal = self.server.admit(self)
+        refusal = self.host.admit(self)
         if refusal is not None:
             status, message = refusal
             transport.write(self._simple(status, message, keep_alive=False))
             transport.close()
-            self.closed = True
+            self._to(ConnState.CLOSED)
             return
         self._admitted = True
-        self.denied = self.server.denied(self)  # decided once per connection, answered per request
+        self.denied = self.host.denied(self)  # decided once per connection, answered per request
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self._task = self.loop.create_task(self._serve())
         self._arm_idle()
         if self.initial:
             data, self.initial = self.initial, b""
             self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        if self.state is not ConnState.DETACHED:
+            self.state = ConnState.CLOSED
         self._cancel_idle()
         gone = ClientGone("client closed the connection")
         for item in self.pending:
@@ -203,7 +226,7 @@ class ClientConnection(asyncio.Protocol):
             self._write_waiter.set_exception(gone)
         if self._admitted:
             self._admitted = False
-            self.server.release(self)
+            self.host.release(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -226,7 +249,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def detach(self) -> socket.socket:
         """Hand the raw client socket over (CONNECT): flush what we wrote, duplicate the file
-        descriptor, drop the transport. The admission slot stays taken until `server.release`."""
+        descriptor, drop the transport. The admission slot stays taken until `host.release`."""
         t = self.transport
         assert t is not None
         while t.get_write_buffer_size() and not self.closed:
@@ -234,20 +257,32 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             raise ClientGone("client closed the connection")
         self._admitted = False  # connection_lost must not release: the tunnel holds the slot now
-        self.closed = True
+        self._to(ConnState.DETACHED)
         return detach_socket(t)
+
+    def drain_and_close(self) -> None:
+        """Graceful shutdown: an idle connection closes now; a busy one after its answer."""
+        if self.closed:
+            return
+        if self.state is ConnState.IDLE and not self.pending and self._held is None:
+            self.close()
+        else:
+            self._to(ConnState.DRAINING)
+        self._wake()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.close()
-        self.closed = True
+        if self.state is not ConnState.DETACHED:
+            self._to(ConnState.CLOSED)
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.abort()
-        self.closed = True
+        if self.state is not ConnState.DETACHED:
+            self._to(ConnState.CLOSED)
 
-    # ---- parsing ----------------------------------------------------------------------------
+    # ---- parsing ------------------------------------------------------------------------------
     def _reset_message(self) -> None:
         self._url: list[bytes] = []
         self._url_len = 0
@@ -259,7 +294,7 @@ class ClientConnection(asyncio.Protocol):
         self._msg_start = 0.0
 
     def data_received(self, data: bytes) -> None:
-        if self._parse_failed:
+        if self._parse_failed or self.closed:
             return
         if self._stash:
             data, self._stash = self._stash + data, b""
@@ -305,6 +340,7 @@ class ClientConnection(asyncio.Protocol):
         self.data_received(b"GET" + rest[sp:])
 
     def _on_upgrade(self, rest: bytes) -> None:
+        self._release_held()
         req = self.pending[-1] if self.pending else None
         if isinstance(req, Request) and req.method == "CONNECT":
             # Everything after a CONNECT head belongs to the tunnel, not to the HTTP parser.
@@ -319,28 +355,31 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail_parse(self, status: int, message: str) -> None:
         self._parse_failed = True
+        self._release_held()
         if self._cur_body is not None:
             self._cur_body.fail(Reject(status, message))
-        self.pending.append(ParseFailure(status, message, self._msg_start or self.server.now()))
+        self.pending.append(ParseFailure(status, message, self._msg_start or self.host.now()))
         self.pause_reading("failed")
-        self._wake()
+        self._start_serving()
 
     def on_message_begin(self) -> None:
         self._in_message = True
         self._reset_message()
-        self._msg_start = self.server.now()
+        self._msg_start = self.host.now()
         self._disarm_idle()
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._url_len += len(url)
-        if self._url_len > self.server.cfg.server["max_uri_length"]:
-            raise Reject(414, f"the URI is longer than this proxy's limit of {self.server.cfg.server['max_uri_length']} bytes")
+        limit = self.host.limits["max_uri_length"]
+        if self._url_len > limit:
+            raise Reject(414, f"the URI is longer than this proxy's limit of {limit} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._hsize += len(name) + len(value) + 4
-        if self._hsize > self.server.cfg.server["max_header_size"]:
-            raise Reject(431, f"the request header section is larger than this proxy's limit of {self.server.cfg.server['max_header_size']} bytes")
+        limit = self.host.limits["max_header_size"]
+        if self._hsize > limit:
+            raise Reject(431, f"the request header section is larger than this proxy's limit of {limit} bytes")
         n = name.decode("latin-1")
         v = value.decode("latin-1")
         self._hdrs.append((n, v))
@@ -348,10 +387,10 @@ class ClientConnection(asyncio.Protocol):
         if ln == "content-length" or ln == "transfer-encoding":
             self._body_expected = True
         elif ln == "expect":
-            if v.strip().lower() == "100-continue":
-                self._expect_continue = True
-            else:
-                raise Reject(417, f"this proxy does not support the expectation {v!r}")
+            refusal = http1.expectation_refusal(v)
+            if refusal is not None:
+                raise Reject(*refusal)
+            self._expect_continue = True
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -360,18 +399,14 @@ class ClientConnection(asyncio.Protocol):
         version = p.get_http_version()
         target = b"".join(self._url).decode("latin-1")
         headers = self._hdrs
-        _check_framing(headers)
-        keep_alive = p.should_keep_alive()
-        if version == "1.0":
-            pc = [v.strip().lower() for k, v in headers if k.lower() == "proxy-connection"]
-            if "keep-alive" in pc:
-                keep_alive = True
-        if any(k.lower() == "proxy-connection" and v.strip().lower() == "close" for k, v in headers):
-            keep_alive = False
+        refusal = http1.request_framing_refusal(headers)
+        if refusal is not None:
+            raise Reject(*refusal)
+        keep_alive = http1.wants_keep_alive(version, headers, p.should_keep_alive())
         body = None
         if self._body_expected and method != "CONNECT":
-            limit = self.server.cfg.server["max_body_size"]
-            cl = _content_length(headers)
+            limit = self.host.limits["max_body_size"]
+            cl = http1.content_length(headers)
             if limit and cl is not None and cl > limit:
                 raise Reject(413, f"the request body ({cl} bytes) is larger than this proxy's limit of {limit} bytes")
             if cl != 0:
@@ -379,10 +414,10 @@ class ClientConnection(asyncio.Protocol):
         self._cur_body = body
         req = Request(method, target, version, headers, keep_alive, body, self._msg_start)
         req.head_size = self._hsize + self._url_len
-        self.pending.append(req)
-        if len(self.pending) > MAX_PIPELINE:
-            self.pause_reading("pipeline")
-        self._wake()
+        if body is None and method != "CONNECT":
+            self._held = req  # complete in a moment (on_message_complete): maybe answerable at once
+            return
+        self._queue(req)
 
     def on_body(self, body: bytes) -> None:
         if self._cur_body is not None:
@@ -394,8 +429,41 @@ class ClientConnection(asyncio.Protocol):
         if self._cur_body is not None:
             self._cur_body.finish()
             self._cur_body = None
+        req, self._held = self._held, None
+        if req is None:
+            return
+        # The hot path: with nothing earlier still being answered, a request the proxy can answer
+        # from memory (a fresh hit) is answered right here, in the parser callback: no task, no
+        # await, pipelined order unchanged.
+        if self.state is ConnState.IDLE and not self.pending and not self.denied:
+            self.served += 1
+            self.response_started = False
+            if self.host.answer_now(self, req):
+                if self.closed:
+                    self._parse_failed = True  # closing: whatever the client sent after is not read
+                return
+            self.served -= 1
+        self._queue(req)
 
-    # ---- serving ----------------------------------------------------------------------------
+    def _release_held(self) -> None:
+        if self._held is not None:
+            req, self._held = self._held, None
+            self._queue(req)
+
+    def _queue(self, req: Request) -> None:
+        self.pending.append(req)
+        if len(self.pending) > MAX_PIPELINE:
+            self.pause_reading("pipeline")
+        self._start_serving()
+
+    # ---- serving ------------------------------------------------------------------------------
+    def _start_serving(self) -> None:
+        if self._task is None or self._task.done():
+            if not self.closed:
+                self._task = self.loop.create_task(self._serve())
+        else:
+            self._wake()
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -405,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
         # timer, when it fires early, sleeps again for the rest (no timer churn per request).
         self._idle_since = self.loop.time()
         if self._idle is None:
-            timeout = self.server.cfg.server["idle_timeout"]
+            timeout = self.host.limits["idle_timeout"]
             if timeout:
                 self._idle = self.loop.call_at(self._idle_since + timeout, self._on_idle)
 
@@ -421,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
         self._idle = None
         if self.closed:
             return
-        timeout = self.server.cfg.server["idle_timeout"]
+        timeout = self.host.limits["idle_timeout"]
         since = self._idle_since
         if since is None or self.busy or self.pending:
             since = self.loop.time()  # in use: look again a full timeout from now
@@ -437,56 +505,66 @@ class ClientConnection(asyncio.Protocol):
         self._wake()
 
     async def _serve(self) -> None:
+        """Answer queued requests in order. The task exists only while there is something to
+        answer: a connection whose requests are all answered in the parser callback has none."""
         try:
             while not self.closed:
                 if not self.pending:
-                    if self.closing:
-                        break
-                    self._arm_idle()
-                    self._waiter = self.loop.create_future()
-                    await self._waiter
-                    self._waiter = None
-                    continue
+                    if self.state is ConnState.DRAINING:
+                        self.close()
+                    return
                 item = self.pending.popleft()
                 if len(self.pending) <= MAX_PIPELINE // 2:
                     self.resume_reading("pipeline")
                 if isinstance(item, ParseFailure):
                     if not self.closed:
                         self.write(self._simple(item.status, item.message, keep_alive=False))
-                    self.server.on_parse_failure(self, item)
+                    self.host.on_parse_failure(self, item)
                     break
-                self.busy = True
+                if self.state is ConnState.IDLE:
+                    self._to(ConnState.BUSY)
                 self.response_started = False
                 self.served += 1
-                keep = await self.server.handler(self, item)
-                self.busy = False
+                keep = await self.host.handle(self, item)
                 if not keep or self.closed:
                     break
                 if item.body is not None and not (item.body.done and not item.body.chunks):
                     break  # the handler did not read the whole body: the framing is lost
                 if self.upgrade_rest is not None:
                     break
+                if self.state is ConnState.DRAINING:
+                    break
+                self._to(ConnState.IDLE)
+                self._arm_idle()
         except ClientGone:
             pass
-        finally:
-            self.busy = False
-            self._cancel_idle()
-            if not self.closed and self.transport is not None:
-                self.transport.close()
-                self.closed = True
+        except BaseException:
+            self.abort()
+            raise
+        if not self.closed and self.transport is not None:
+            self.close()
 
-    def request_keep_alive(self, req: Request) -> bool:
-        """Whether this connection stays open after answering `req`."""
-        if not req.keep_alive or self.closing:
-            return False
-        limit = self.server.cfg.server["max_requests_per_connection"]
-        return not (limit and self.served >= limit)
+    def keep_open(self, req: Request, framing: Framing | None = None, forced_close: bool = False) -> bool:
+        """Whether this connection stays open after answering `req` (http1.keep_open)."""
+        body_unread = req.body is not None and not req.body.done
+        return http1.keep_open(req.keep_alive, self.state is ConnState.DRAINING, self.served,
+                               self.host.limits["max_requests_per_connection"], framing, body_unread, forced_close)
 
-    # ---- writing ----------------------------------------------------------------------------
+    def finish_now(self, keep: bool) -> None:
+        """After an answer given in the parser callback: go on reading, or close."""
+        if keep:
+            self._arm_idle()
+        else:
+            self.close()
+
+    # ---- writing ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.closed:
             raise ClientGone("client closed the connection")
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     async def drain(self) -> None:
         if not self._write_paused:
@@ -494,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             raise ClientGone("client closed the connection")
         self._write_waiter = self.loop.create_future()
-        timeout = self.server.cfg.server["idle_timeout"] or None
+        timeout = self.host.limits["idle_timeout"] or None
         try:
             await asyncio.wait_for(self._write_waiter, timeout)
         except TimeoutError:
@@ -517,8 +595,8 @@ class ClientConnection(asyncio.Protocol):
 
 
 class ResponseWriter:
-    """Frames one response to the client: Content-Length when known, chunked for HTTP/1.1 when not,
-    close-delimited for HTTP/1.0; counts bytes for the access log."""
+    """Frames one response to the client (http1.response_framing) and counts bytes for the
+    access log."""
 
     __slots__ = ("conn", "req", "chunked", "keep_alive", "nbytes", "no_body", "remaining", "_head")
 
@@ -535,39 +613,33 @@ class ResponseWriter:
     def start(self, status: int, reason: str, headers: Headers, length: int | None, has_body: bool = True) -> None:
         """Write the head. `headers` must be end-to-end only; `length` None means unknown."""
         req = self.req
-        self.no_body = not has_body or req.method == "HEAD" or status in (204, 304) or status < 200
+        framing = http1.response_framing(req.method, status, req.version, length, has_body)
+        self.no_body = framing is Framing.NO_BODY
         if self.no_body:
-            if length is not None and status >= 200 and status != 204:
-                headers.append(("Content-Length", str(length)))  # what a GET would carry: HEAD's news
-        elif length is not None:
+            if http1.length_field_for_bodiless(status, length):
+                headers.append(("Content-Length", str(length)))
+        elif framing is Framing.LENGTH:
             headers.append(("Content-Length", str(length)))
             self.remaining = length
-        elif req.version == "1.1":
+        elif framing is Framing.CHUNKED:
             headers.append(("Transfer-Encoding", "chunked"))
             self.chunked = True
         head = serialize_head(status, reason or reason_phrase(status), headers)[:-2]
-        self._finish_head(head, close_delimited=not self.no_body and length is None and req.version != "1.1")
+        self._finish_head(head, framing)
 
     def start_raw(self, head: bytes, length: int) -> None:
         """Like start() for a head already serialized with its Content-Length (all but the
         Connection field and the blank line): the cache's hot path."""
         self.no_body = self.req.method == "HEAD"
         self.remaining = length
-        self._finish_head(head, close_delimited=False)
+        self._finish_head(head, Framing.NO_BODY if self.no_body else Framing.LENGTH)
 
-    def _finish_head(self, head: bytes, close_delimited: bool) -> None:
+    def _finish_head(self, head: bytes, framing: Framing) -> None:
         conn, req = self.conn, self.req
-        keep = conn.request_keep_alive(req) and not close_delimited
-        self.keep_alive = keep
-        if req.version == "1.0":
-            head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
-        elif not keep:
-            head += b"Connection: close\r\n\r\n"
-        else:
-            head += b"\r\n"
-        self._head = head
+        self.keep_alive = keep = conn.keep_open(req, framing)
+        self._head = head + http1.connection_field(req.version, keep)
         conn.response_started = True
-        self.nbytes += len(head)
+        self.nbytes += len(self._head)
 
     def write(self, data: bytes) -> None:
         """Queue body bytes without waiting for the client to drain them (small bodies)."""
@@ -579,6 +651,12 @@ class ResponseWriter:
         if self._head:
             data, self._head = self._head + data, b""
         self.conn.write(data)
+
+    def flush_head(self) -> None:
+        """Send the held-back head now (before a body that goes out another way: sendfile)."""
+        if self._head:
+            data, self._head = self._head, b""
+            self.conn.write(data)
 
     async def send(self, data: bytes) -> None:
         """Body bytes, with backpressure from the client."""
@@ -598,9 +676,7 @@ class ResponseWriter:
 
     def simple(self, status: int, message: str, extra: Headers | None = None, close: bool = False) -> bool:
         """A complete short plain-text response (errors, denials)."""
-        keep = self.conn.request_keep_alive(self.req) and not close
-        if self.req.body is not None and not self.req.body.done:
-            keep = False  # we are not going to read the body: closing is the only safe framing
+        keep = self.conn.keep_open(self.req, forced_close=close)
         data = self.conn._simple(status, message, keep, extra)
         if self.req.method == "HEAD":
             data = data[: data.index(b"\r\n\r\n") + 4]
@@ -608,35 +684,6 @@ class ResponseWriter:
         self.conn.write(data)
         self.nbytes += len(data)
         return keep
-
-
-def _content_length(headers: Headers) -> int | None:
-    for k, v in headers:
-        if k.lower() == "content-length":
-            try:
-                return int(v.strip())
-            except ValueError:
-                return None
-    return None
-
-
-def _check_framing(headers: Headers) -> None:
-    """Refuse the request-smuggling shapes llhttp may let through (RFC 9112 6.1, 6.3)."""
-    cls = {v.strip() for k, v in headers if k.lower() == "content-length"}
-    tes = [v for k, v in headers if k.lower() == "transfer-encoding"]
-    if cls and tes:
-        raise Reject(400, "the request has both Content-Length and Transfer-Encoding")
-    if len(cls) > 1:
-        raise Reject(400, "the request has conflicting Content-Length values")
-    for v in cls:
-        if not v.isdigit():
-            raise Reject(400, f"bad Content-Length {v!r}")
-    if tes:
-        codings = [c.strip().lower() for t in tes for c in t.split(",")]
-        if codings[-1] != "chunked" or codings.count("chunked") != 1:
-            raise Reject(400, "Transfer-Encoding must end in a single 'chunked'")
-        if any(c not in ("chunked", "gzip", "deflate", "compress", "identity", "x-gzip") for c in codings):
-            raise Reject(501, f"unsupported transfer coding in {', '.join(codings)!r}")
 
 
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")

@@ -8,28 +8,59 @@ Revalidation is a conditional GET: the FTP fetcher answers If-Modified-Since fro
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
 
+from webproxy import logcodes
+from webproxy.context import Env
+from webproxy.errors import OriginError
+from webproxy.exchange import Answers, Exchange
+from webproxy.forward import CacheHandler, refusal
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
-from webproxy.ftp import fetch
+from webproxy.ftp import FtpResponse, FtpTransferError, fetch
 from webproxy.ftppool import FtpPool
 from webproxy.httpmsg import Headers, Target, get_header
-from webproxy.origin import FtpOriginResponse, OriginResponse
-from webproxy.proxy import Exchange
+from webproxy.origin import Opener, OriginResponse
 
-if TYPE_CHECKING:
-    from webproxy.server import ProxyServer
+
+class FtpOriginResponse(OriginResponse):
+    """An FTP fetcher's answer in the shape the relay and the cache consume."""
+
+    def __init__(self, resp: FtpResponse, method: str) -> None:
+        self.resp = resp
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = [(k, v) for k, v in resp.headers if k.lower() != "content-length"]
+        cl = resp.header("content-length")
+        self.length = int(cl) if cl is not None and cl.isdigit() else None
+        self.method = method
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.method == "HEAD":
+            return
+        try:
+            async for chunk in self.resp.body():
+                yield chunk
+        except FtpTransferError as e:
+            raise OriginError(str(e)) from None
+
+    async def close(self, clean: bool) -> None:
+        # FtpResponse knows whether its transfer completed, and pools or drops the session itself.
+        with contextlib.suppress(Exception):
+            await self.resp.aclose()
 
 
 class FtpGate:
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        self.pool = FtpPool(server.cfg.ftp)
+    def __init__(self, env: Env, answers: Answers) -> None:
+        self.env = env
+        self.answers = answers
+        self.pool = FtpPool(env.cfg.ftp)
+        self.cache: CacheHandler | None = None  # set when the cache is on
 
-    def freshness(self, resp: OriginResponse, now: float) -> int:
-        cfg = self.server.cfg
-        mdtm = getattr(resp.resp, "mdtm", None)
+    def freshness(self, resp: FtpOriginResponse, now: float) -> int:
+        cfg = self.env.cfg
+        mdtm = resp.resp.mdtm
         if mdtm is not None and now > mdtm:
             return int(min((now - mdtm) * cfg.ftp["heuristic_fraction"], cfg.cache["heuristic_max"]))
         return int(cfg.ftp["default_ttl"])
@@ -37,32 +68,35 @@ class FtpGate:
     async def open(self, url: str, ex: Exchange | None, target: Target, method: str, headers: Headers) -> OriginResponse:
         resp = FtpOriginResponse(await fetch(url, method, headers, self.pool), method)
         if ex is not None:
-            ex.hierarchy = f"HIER_DIRECT/{target.host}"
+            ex.hierarchy = logcodes.hier_direct(target.host)
         if resp.status == 200 and resp.header("cache-control") is None:
             resp.headers.append(("Cache-Control", f"max-age={self.freshness(resp, time.time())}"))
         return resp
 
     async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool:
-        proxy = self.server.proxy
-        refused = proxy.check_target(req, rw, ex, target)
+        refused = refusal(self.env, req, target)
         if refused is not None:
-            return refused
+            return self.answers.deny(rw, ex, *refused)
         headers = [(k, v) for k, v in req.headers if k.lower() not in ("host", "proxy-authorization")]
 
         async def opener(method: str, hdrs: Headers) -> OriginResponse:
             return await self.open(req.target, ex, target, method, hdrs)
 
-        cache = self.server.cache_layer
+        cache = self.cache
         # Only anonymous fetches are shared: a user's files stay that user's.
         if cache is not None and not target.userinfo and get_header(req.headers, "authorization") is None:
             handled = await cache.handle(conn, req, rw, ex, target, headers, opener)
             if handled is not None:
                 return handled
-        ex.code = "TCP_MISS"
-        return await proxy.relay_response(req, rw, ex, await opener(req.method, headers))
+        ex.code = logcodes.MISS
+        return await self.answers.relay(req, rw, ex, await opener(req.method, headers))
 
-    def status_rows(self) -> list[tuple[str, Any]]:
-        return []
+    def opener_for(self, url: str, target: Target) -> Opener:
+        """Fetches with no client request behind them (background refresh)."""
+        async def ftp_opener(method: str, headers: Headers) -> OriginResponse:
+            return await self.open(url, None, target, method, headers)
+
+        return ftp_opener
 
     async def close(self) -> None:
         await self.pool.close()

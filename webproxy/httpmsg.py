@@ -12,28 +12,11 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from cache.model import get_all
+from cache.model import DEFAULT_PORTS, HOP_BY_HOP, get_all
 from cache.model import get_one as get_header
 
 Headers = list[tuple[str, str]]
-__all__ = ["get_header"]  # re-exported: the front end reads fields with the cache's helpers
-
-# Always hop-by-hop, whatever Connection says. Proxy-Authorization is for this proxy: it is
-# consumed (or ignored) here and never passed to an origin.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
-
+__all__ = ["HOP_BY_HOP", "get_header"]  # re-exported: the front end reads fields with the cache's helpers
 
 def tokens(headers: Headers, name: str) -> list[str]:
     """Comma-separated list values of every `name` line, lower-cased and stripped."""
@@ -72,7 +55,6 @@ class Target:
         return f"{self.scheme}://{self.connect or self.authority}{self.path}"
 
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9\-._~%!$&'()*+,;=]+))(?::(\d*))?$")
 

@@ -8,16 +8,12 @@ clean when the body was read to its end (the connection may be reused), not clea
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
+from webproxy.errors import OriginError
 from webproxy.httpmsg import Headers, strip_hop_by_hop
-
-
-class OriginError(Exception):
-    """The origin failed after the response head: the body is incomplete."""
 
 
 class OriginResponse:
@@ -76,31 +72,6 @@ class HttpOriginResponse(OriginResponse):
             self.resp.close()
 
 
-class FtpOriginResponse(OriginResponse):
-    def __init__(self, resp: object, method: str) -> None:
-        from webproxy.ftp import FtpResponse
-
-        assert isinstance(resp, FtpResponse)
-        self.resp = resp
-        self.status = resp.status
-        self.reason = resp.reason
-        self.headers = [(k, v) for k, v in resp.headers if k.lower() != "content-length"]
-        cl = resp.header("content-length")
-        self.length = int(cl) if cl is not None and cl.isdigit() else None
-        self.method = method
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        from webproxy.ftp import FtpTransferError
-
-        if self.method == "HEAD":
-            return
-        try:
-            async for chunk in self.resp.body():
-                yield chunk
-        except FtpTransferError as e:
-            raise OriginError(str(e)) from None
-
-    async def close(self, clean: bool) -> None:
-        # FtpResponse knows whether its transfer completed, and pools or drops the session itself.
-        with contextlib.suppress(Exception):
-            await self.resp.aclose()
+# Opens a fetch from any origin: (method, request fields) -> the response head. The cache layer
+# is handed one per request, so it never needs to know which scheme or fetcher is behind it.
+Opener = Callable[[str, Headers], Awaitable[OriginResponse]]

@@ -26,17 +26,37 @@ import fcntl
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cache import conditional
 from cache import refresh as rules
 from cache.model import Request as CacheRequest
 from cache.model import StoredResponse, get_one
 from cache.store import SEP
+from webproxy import logcodes
+from webproxy.caching import CacheLayer
+from webproxy.config import Config
+from webproxy.httpmsg import Target
+from webproxy.origin import Opener
 
-if TYPE_CHECKING:
-    from webproxy.caching import CacheLayer
-    from webproxy.server import ProxyServer
+
+class RefreshHost(Protocol):
+    """What the refresher needs from the running proxy."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def requests(self) -> int: ...  # client requests answered so far (for the load check)
+
+    def upstream_active(self) -> int: ...  # fetches waiting for an origin's head right now
+
+    def opener_for(self, url: str) -> tuple[Target, Opener]: ...
+
+    def log_error(self, message: str, level: str = "error") -> None: ...
+
+    def log_access(self, start: float, client: str, code: str, status: int, nbytes: int, method: str,
+                   url: str, hierarchy: str, ctype: str | None) -> None: ...
 
 LOCK_FILE = "refresh.lock"
 # Rows are re-read when their access_time is at most this much older than the last scan: access
@@ -74,7 +94,7 @@ class DirectoryLock:
 
 
 class Refresher:
-    def __init__(self, server: ProxyServer, layer: CacheLayer) -> None:
+    def __init__(self, server: RefreshHost, layer: CacheLayer) -> None:
         self.server = server
         self.layer = layer
         self.store = layer.store
@@ -147,7 +167,7 @@ class Refresher:
         if not s.enabled or not self.lock.try_acquire():
             return
         await self.scan(now, s)
-        upstream = max(0, self.server.upstream.active - self.fetching)  # the clients' fetches
+        upstream = max(0, self.server.upstream_active() - self.fetching)  # the clients' fetches
         if not rules.load_allows(client_rate, upstream, s):
             self.queue = []
             self.backed_off += 1
@@ -264,14 +284,13 @@ class Refresher:
         nbytes = 0
         head = None
         if outcome == conditional.UPDATE:
-            store.uncount_use(key)  # CacheLayer.refresh looked the entry up: not a client's use
             store.count_refresh("refresh_304")
         elif outcome == conditional.REPLACE:
             store.count_refresh("refresh_replaced")
         else:
             store.count_refresh("refresh_failed")
             self.retry_at[key] = rules.retry_after(now, c.window, self.settings.interval)
-        if outcome in rules.LOG_TAGS:
+        if outcome in (conditional.UPDATE, conditional.REPLACE):
             self.retry_at.pop(key, None)
             head = store.stored_head(key)
             if head is not None:
@@ -279,19 +298,15 @@ class Refresher:
                 self.refreshed[key] = rules.Refreshed(now, now + rules.time_left(head, now, store.policy))
                 if outcome == conditional.REPLACE:
                     nbytes = head.body_size or 0
-        tag = rules.LOG_TAGS.get(outcome, rules.LOG_TAG_FAILED)
         ctype = get_one((head or c.stored).headers, "content-type")
-        self.server.accesslog.log(start, "-", tag, status, nbytes, "GET", url, f"HIER_DIRECT/{host}", ctype)
+        self.server.log_access(start, "-", logcodes.active_refresh(outcome), status, nbytes, "GET", url,
+                               logcodes.hier_direct(host), ctype)
 
 
-def attach(server: ProxyServer) -> Refresher | None:
-    """Start the refresher of `server`'s cache layer when [refresh] is enabled (idempotent)."""
-    existing = getattr(server, "refresher", None)
-    if existing is not None:
-        return existing
-    if server.cache_layer is None or not server.cfg.refresh["enabled"]:
+def attach(server: RefreshHost, layer: CacheLayer) -> Refresher | None:
+    """Start the refresher of `layer` when [refresh] is enabled."""
+    if not server.cfg.refresh["enabled"]:
         return None
-    r = Refresher(server, server.cache_layer)
+    r = Refresher(server, layer)
     r.start()
-    server.refresher = r
     return r

@@ -7,28 +7,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from webproxy import config as config_mod
+from webproxy import logcodes
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed
-from webproxy.frontend import ClientConnection, ParseFailure, Request, ResponseWriter
-from webproxy.httpmsg import Target
-from webproxy.proxy import Exchange, Proxy
+from webproxy.caching import CacheLayer
+from webproxy.composition import attach_layers
+from webproxy.connect import ConnectHandler
+from webproxy.exchange import Answers, Exchange
+from webproxy.forward import HttpForwarder
+from webproxy.frontend import ClientConnection, ParseFailure, Request
+from webproxy.ftpgate import FtpGate
+from webproxy.httpmsg import Target, parse_absolute
+from webproxy.origin import Opener
+from webproxy.routing import Router
+from webproxy.selfpages import SelfPages
+from webproxy.startup import StartupError, bind_listeners, check_cache_dir
+from webproxy.transparent import TransparentHttp
 from webproxy.upstream import Upstream
 
 
-class StartupError(Exception):
-    """Raised before serving starts; the message is the one line the user sees (exit 2)."""
-
-
 class ProxyServer:
+    """One proxy process: builds the request path once (routing, handlers, the cache), admits
+    client connections, owns the logs and the config (SIGHUP), and shuts down gracefully.
+    It is the `ConnectionHost` of every client connection and the `Env` of every handler."""
+
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
@@ -38,27 +49,62 @@ class ProxyServer:
         self.upstream = Upstream(cfg.upstream)
         # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
         self.resolve = self.upstream.resolver.resolve
-        self.proxy = Proxy(self)
-        self.handler = self.proxy.handle
-        self.cache_layer: Any = None
-        self.ftp_layer: Any = None
+        self.answers = Answers(self)
+        self.forwarder = HttpForwarder(self, self.answers, self.upstream)
+        self.ftp = FtpGate(self, self.answers)
+        self.cache_layer: CacheLayer | None = None
+        self.router = Router(self, self.answers, self.forwarder,
+                             ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp,
+                             TransparentHttp(self.answers, self.forwarder, self.resolve),
+                             SelfPages(self.answers, self.status_rows), self.access)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
         self.started = time.time()
         self.requests = 0
         self._stopping: asyncio.Future[None] = self.loop.create_future()
         self._flush_timer: asyncio.TimerHandle | None = None
-        self.closers: list[Any] = []  # coroutines to await at shutdown (transparent, forwarders)
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # at shutdown (transparent, forwarders, refresher)
 
-    # ---- helpers the front end and the handler call ----------------------------------------------
+    # ---- the cache, when on ---------------------------------------------------------------------
+    def attach_cache(self, layer: CacheLayer) -> None:
+        self.cache_layer = layer
+        self.forwarder.cache = layer
+        self.ftp.cache = layer
+
+    def opener_for(self, url: str) -> tuple[Target, Opener]:
+        """(target, opener) to fetch `url` with no client request behind it (background refresh)."""
+        target = parse_absolute(url)
+        if target.scheme == "ftp":
+            return target, self.ftp.opener_for(url, target)
+        return target, self.forwarder.opener_for(target)
+
+    # ---- RefreshHost: what the active refresher asks ----------------------------------------------
+    def upstream_active(self) -> int:
+        return self.upstream.active
+
+    def log_access(self, start: float, client: str, code: str, status: int, nbytes: int, method: str,
+                   url: str, hierarchy: str, ctype: str | None) -> None:
+        self.accesslog.log(start, client, code, status, nbytes, method, url, hierarchy, ctype)
+
+    # ---- ConnectionHost: what client connections ask ----------------------------------------------
     now = staticmethod(time.time)
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        return self.cfg.server
+
+    def answer_now(self, conn: ClientConnection, req: Request) -> bool:
+        return self.router.answer_now(conn, req)
+
+    def handle(self, conn: ClientConnection, req: Request) -> Awaitable[bool]:
+        return self.router.handle(conn, req)
 
     def admit(self, conn: ClientConnection) -> tuple[int, str] | None:
         if self._stopping.done():
             return (503, "the proxy is shutting down")
         why = self.counter.admit(conn.client_ip, self.cfg.access)
         if why:
-            self.accesslog.log(time.time(), conn.client_ip, "TCP_DENIED", 503, 0, "-", "-", ctype="text/plain")
+            self.accesslog.log(time.time(), conn.client_ip, logcodes.DENIED, 503, 0, "-", "-", ctype="text/plain")
             return (503, f"too many connections: {why}")
         self.connections.add(conn)
         return None
@@ -70,8 +116,13 @@ class ProxyServer:
     def denied(self, conn: ClientConnection) -> bool:
         return not client_allowed(conn.client_ip, self.cfg.access["allow_clients"])
 
-    def is_admin(self, conn: ClientConnection) -> bool:
-        return client_allowed(conn.client_ip, self.cfg.access["admin_clients"])
+    def on_parse_failure(self, conn: ClientConnection, item: ParseFailure) -> None:
+        self.accesslog.log(item.start, conn.client_ip, logcodes.NONE, item.status, 0, "NONE",
+                           "error:invalid-request", ctype="text/plain")
+
+    # ---- Env: what handlers ask ---------------------------------------------------------------------
+    def is_admin(self, client_ip: str) -> bool:
+        return client_allowed(client_ip, self.cfg.access["admin_clients"])
 
     def is_self(self, host: str, port: int) -> bool:
         for lhost, lport in self.listen_addrs:
@@ -80,15 +131,6 @@ class ProxyServer:
                 return True
         return False
 
-    def access(self, conn: ClientConnection, req: Request, ex: Exchange, nbytes: int) -> None:
-        self.requests += 1
-        self.accesslog.log(req.start, conn.client_ip, ex.code, ex.status, nbytes, req.method, ex.url,
-                           ex.hierarchy, ex.ctype)
-
-    def on_parse_failure(self, conn: ClientConnection, item: ParseFailure) -> None:
-        self.accesslog.log(item.start, conn.client_ip, "TAG_NONE", item.status, 0, "NONE",
-                           "error:invalid-request", ctype="text/plain")
-
     _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
     def log_error(self, message: str, level: str = "error") -> None:
@@ -96,51 +138,18 @@ class ProxyServer:
             return
         print(f"{time.strftime('%Y/%m/%d %H:%M:%S')} webproxy: {message}", file=sys.stderr, flush=True)
 
+    def access(self, conn: ClientConnection, req: Request, ex: Exchange, nbytes: int) -> None:
+        self.requests += 1
+        self.accesslog.log(req.start, conn.client_ip, ex.code, ex.status, nbytes, req.method, ex.url,
+                           ex.hierarchy, ex.ctype)
+
     def status_rows(self) -> list[tuple[str, str]]:
-        rows = []
+        rows = [("uptime", f"{int(time.time() - self.started)} s"),
+                ("client connections open", str(self.counter.total)),
+                ("requests served", str(self.requests))]
         if self.cache_layer is not None:
             rows += self.cache_layer.status_rows()
         return rows
-
-    # ---- scheme handlers that other parts of the proxy provide -------------------------------------
-    async def connect(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
-        from webproxy.connect import handle_connect
-
-        return await handle_connect(self, conn, req, rw, ex)
-
-    async def ftp(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool:
-        if self.ftp_layer is None:
-            return self.proxy._error(rw, ex, 501, "ftp:// URLs are not supported by this proxy build")
-        return await self.ftp_layer.handle(conn, req, rw, ex, target)
-
-    async def transparent_http(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange,
-                               host: str | None) -> bool:
-        from webproxy.transparent import handle_transparent_http
-
-        return await handle_transparent_http(self, conn, req, rw, ex, host)
-
-    def opener_for(self, url: str) -> tuple[Target, Any]:
-        """(target, opener) to fetch `url` with no client request behind it (background refresh).
-        `opener(method, headers)` sends exactly the headers given (stored Vary fields, validators)
-        plus Host and Via for http."""
-        from webproxy.httpmsg import parse_absolute
-
-        target = parse_absolute(url)
-        if target.scheme == "ftp":
-            gate = self.ftp_layer
-
-            async def ftp_opener(method: str, headers: Any) -> Any:
-                return await gate.open(url, None, target, method, headers)
-
-            return target, ftp_opener
-
-        async def http_opener(method: str, headers: Any) -> Any:
-            fields = [(k, v) for k, v in headers if k.lower() not in ("host", "via")]
-            fields.insert(0, ("Host", target.authority))
-            fields.append(self.proxy.via("1.1"))
-            return await self.proxy.open(method, target, fields)
-
-        return target, http_opener
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self, sockets: list[socket.socket]) -> None:
@@ -172,10 +181,7 @@ class ProxyServer:
         for srv in self.servers:
             srv.close()
         for conn in list(self.connections):
-            conn.closing = True
-            if not conn.busy and not conn.pending:
-                conn.close()
-                conn._wake()
+            conn.drain_and_close()
         deadline = time.monotonic() + self.cfg.server["grace_period"]
         while any(not c.closed for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -188,8 +194,7 @@ class ProxyServer:
                 await closer()
         if self.cache_layer is not None:
             await self.cache_layer.close()
-        if self.ftp_layer is not None:
-            await self.ftp_layer.close()
+        await self.ftp.close()
         await self.upstream.close()
         self.accesslog.close()
 
@@ -223,66 +228,10 @@ class ProxyServer:
             self.log_error(f"reload: {', '.join(needs_restart)} changed; restart webproxy to apply")
 
 
-def _listen_error(host: str, port: int, e: OSError) -> str:
-    where = f"{host}:{port}"
-    if e.errno == errno.EADDRINUSE:
-        return f"cannot listen on {where}: the port is already in use (is another proxy running?); change server.listen or stop the other process"
-    if e.errno == errno.EACCES:
-        return f"cannot listen on {where}: permission denied (ports below 1024 need root); choose a port above 1024 in server.listen"
-    if e.errno in (errno.EADDRNOTAVAIL, socket.EAI_NONAME if hasattr(socket, "EAI_NONAME") else -2):
-        return f"cannot listen on {where}: no such local address; use an address of this machine in server.listen"
-    return f"cannot listen on {where}: {e.strerror or e}; check server.listen"
-
-
-def check_cache_dir(cfg: config_mod.Config) -> None:
-    if not cfg.cache["enabled"]:
-        return
-    path = cfg.cache["directory"]
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        os.unlink(probe)
-    except OSError as e:
-        raise StartupError(f"cache directory {path} is not writable ({e.strerror}); fix its permissions or set "
-                           "cache.directory to a writable path") from None
-
-
-def bind_listeners(addrs: list[tuple[str, int]], reuse_port: bool) -> list[socket.socket]:
-    """Bind every listen address up front, so a port in use is one clear error before anything starts."""
-    socks = []
-    try:
-        for host, port in addrs:
-            try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-                family, _, _, _, sockaddr = infos[0]
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.bind(sockaddr)
-                sock.listen(1024)
-                sock.setblocking(False)
-            except OSError as e:
-                raise StartupError(_listen_error(host, port, e)) from None
-    except StartupError:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
 async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> None:
     server = ProxyServer(cfg)
     try:
         await server.start(sockets)
-        from webproxy.composition import attach_layers
-
         await attach_layers(server)
     except BaseException:
         for closer in server.closers:

@@ -1,5 +1,5 @@
-"""Transparent mode glue: connections that iptables redirected to us are sniffed by
-tunnel.transparent; those that speak HTTP come here and are served like explicit-proxy requests.
+"""Transparent mode: connections that iptables redirected to us are sniffed by tunnel.transparent;
+those that speak HTTP come here and are served like explicit-proxy requests.
 
 An origin-form request is fetched from the connection's original destination, never from
 wherever its Host header points: a client cannot make us connect elsewhere. Its response is
@@ -9,50 +9,39 @@ so a forged Host cannot poison the cache (the hole CVE-2009-0801 described for S
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from typing import TYPE_CHECKING, Any
-
+from tunnel.connect import Resolver
+from webproxy.exchange import Answers, Exchange
+from webproxy.forward import HttpForwarder
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
-from webproxy.httpmsg import BadTarget, Target, parse_absolute
-from webproxy.proxy import Exchange
-
-if TYPE_CHECKING:
-    from webproxy.server import ProxyServer
+from webproxy.httpmsg import BadTarget, Target, get_header, parse_absolute
 
 
-def on_http_factory(server: ProxyServer) -> Any:
-    """The callback tunnel.transparent calls with a socket whose first bytes look like HTTP."""
+class TransparentHttp:
+    def __init__(self, answers: Answers, forwarder: HttpForwarder, resolve: Resolver) -> None:
+        self.answers = answers
+        self.forwarder = forwarder
+        self.resolve = resolve
 
-    async def on_http(sock: socket.socket, initial: bytes, orig_dst: tuple[str, int], client_addr: Any) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(
-            lambda: ClientConnection(server, initial=initial, transparent_dst=orig_dst), sock)
+    async def _host_points_at(self, host: str, port: int, ip: str) -> bool:
+        try:
+            found = await self.resolve(host, port)
+        except Exception:
+            return False
+        return any((entry.get("host") if isinstance(entry, dict) else entry) == ip for entry in found)
 
-    return on_http
-
-
-async def _host_points_at(server: ProxyServer, host: str, port: int, ip: str) -> bool:
-    try:
-        found = await server.resolve(host, port)
-    except Exception:
-        return False
-    return any(entry.get("host") == ip for entry in found)
-
-
-async def handle_transparent_http(server: ProxyServer, conn: ClientConnection, req: Request, rw: ResponseWriter,
-                                  ex: Exchange, host: str | None) -> bool:
-    assert conn.transparent_dst is not None
-    ip, port = conn.transparent_dst
-    dst = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-    try:
-        named = parse_absolute(f"http://{host or dst}{req.target}")
-    except BadTarget as e:
-        return server.proxy._error(rw, ex, 400, str(e))
-    if named.port != port and host and ":" not in host.rsplit("]", 1)[-1]:
-        # Host without a port on a redirected non-80 connection: the port is the one dialled.
-        named = parse_absolute(f"http://{host}:{port}{req.target}")
-    target = Target(named.scheme, named.host, named.port, named.authority, named.path, connect=dst)
-    ex.url = named.origin_url
-    cacheable = named.port == port and (named.host == ip or await _host_points_at(server, named.host, port, ip))
-    return await server.proxy.http(conn, req, rw, ex, target, cacheable=cacheable)
+    async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        assert conn.transparent_dst is not None
+        host = get_header(req.headers, "host")
+        ip, port = conn.transparent_dst
+        dst = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        try:
+            named = parse_absolute(f"http://{host or dst}{req.target}")
+        except BadTarget as e:
+            return self.answers.error(rw, ex, 400, str(e))
+        if named.port != port and host and ":" not in host.rsplit("]", 1)[-1]:
+            # Host without a port on a redirected non-80 connection: the port is the one dialled.
+            named = parse_absolute(f"http://{host}:{port}{req.target}")
+        target = Target(named.scheme, named.host, named.port, named.authority, named.path, connect=dst)
+        ex.url = named.origin_url
+        cacheable = named.port == port and (named.host == ip or await self._host_points_at(named.host, port, ip))
+        return await self.forwarder.handle(conn, req, rw, ex, target, cacheable=cacheable)

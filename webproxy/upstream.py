@@ -15,18 +15,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from webproxy.errors import UpstreamError
 from webproxy.httpmsg import Headers
 
 # aiohttp would otherwise add these on its own; a proxy passes on what the client sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-
-class UpstreamError(Exception):
-    def __init__(self, status: int, message: str, code: str = "ERR_CONNECT_FAIL") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
 
 
 def _make_resolver() -> aiohttp.abc.AbstractResolver:

@@ -1,0 +1,117 @@
+"""One request's answer, whatever handled it: the access-log fields it fills in (`Exchange`), and the
+ways every handler ends an answer (`Answers`): a short error, an upstream failure, or an origin
+response relayed to the client (and, when given, into a cache fill).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from webproxy import __version__, logcodes
+from webproxy.context import Env
+from webproxy.errors import ClientGone, OriginError, Reject, UpstreamError
+from webproxy.frontend import Request, ResponseWriter
+from webproxy.httpmsg import Headers
+from webproxy.origin import OriginResponse
+
+
+class Exchange:
+    """The access-log fields of one request, filled in as it is handled."""
+
+    __slots__ = ("code", "status", "hierarchy", "ctype", "url")
+
+    def __init__(self, url: str) -> None:
+        self.code = logcodes.NONE
+        self.status = 0
+        self.hierarchy = logcodes.HIER_NONE
+        self.ctype: str | None = None
+        self.url = url
+
+
+class Sink(Protocol):
+    """Where a relayed body is copied as well (a cache fill)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self) -> bool: ...
+
+    def abort(self) -> None: ...
+
+
+class Answers:
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self._via: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def via(self, version: str) -> tuple[str, str]:
+        """Our Via entry (RFC 9110 7.6.3), built once per protocol version and proxy name."""
+        name = self.env.cfg.server["name"]
+        cached = self._via.get((version, name))
+        if cached is None:
+            cached = self._via[(version, name)] = ("Via", f"{version} {name} (webproxy/{__version__})")
+        return cached
+
+    def error(self, rw: ResponseWriter, ex: Exchange, status: int, message: str, close: bool = False,
+              extra: Headers | None = None) -> bool:
+        """A short plain-text answer; returns whether the connection may serve another request.
+        Once a head is out nothing can be answered: the connection is cut instead."""
+        ex.status = status
+        ex.ctype = "text/plain"
+        if rw.conn.response_started or rw.conn.closed:
+            rw.conn.abort()
+            return False
+        return rw.simple(status, message, extra=extra, close=close)
+
+    def deny(self, rw: ResponseWriter, ex: Exchange, status: int, message: str, close: bool = False) -> bool:
+        ex.code = logcodes.DENIED
+        return self.error(rw, ex, status, message, close=close)
+
+    def upstream_error(self, req: Request, rw: ResponseWriter, ex: Exchange, e: UpstreamError) -> bool:
+        """The origin could not be asked. A request body that failed on the client's side is the
+        real cause and is answered as such."""
+        if req.body is not None and isinstance(req.body.error, Reject):
+            r = req.body.error
+            return self.error(rw, ex, r.status, r.message, close=True)
+        if req.body is not None and isinstance(req.body.error, ClientGone):
+            raise req.body.error
+        self.env.log_error(f"{e.status} for {req.method} {req.target[:200]}: {e.message}", "info")
+        return self.error(rw, ex, e.status, e.message)
+
+    async def relay(self, req: Request, rw: ResponseWriter, ex: Exchange, resp: OriginResponse,
+                    sink: Sink | None = None, extra: Headers | None = None) -> bool:
+        """Stream an origin response to the client (and to `sink` when given: write(chunk) for every
+        chunk, then commit() after a complete body, or abort())."""
+        ex.status = resp.status
+        ex.ctype = resp.header("content-type")
+        headers = [*resp.headers, self.via(resp.version), *(extra or [])]
+        clean = False
+        try:
+            rw.start(resp.status, resp.reason, headers, resp.length)
+            if not rw.no_body:
+                received = 0
+                async for chunk in resp.chunks():
+                    if sink is not None:
+                        sink.write(chunk)
+                        received += len(chunk)
+                        if received == resp.length:
+                            # Publish before the client has the last byte: its next request (maybe to
+                            # another worker process) must find the entry.
+                            sink.commit()
+                            sink = None
+                    await rw.send(chunk)
+            clean = True
+            if sink is not None:
+                sink.commit()
+                sink = None
+            return rw.end()
+        except OriginError as e:
+            # The head is out: the only honest signal left is to cut the connection, so the client
+            # sees a truncated body instead of a complete-looking wrong one.
+            self.env.log_error(f"origin failed mid-body for {req.target[:200]}: {e}")
+            ex.code = logcodes.aborted(ex.code)
+            rw.conn.abort()
+            return False
+        finally:
+            if sink is not None:
+                sink.abort()
+            await resp.close(clean)

@@ -1,0 +1,145 @@
+"""http:// requests: the checks every fetch shares (domain filter, forwarding loops), the request
+as the origin receives it (hop-by-hop fields removed, Host from the URL, our Via), the fetch, and a
+plain pass-through when the cache has nothing to do with the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from webproxy import logcodes
+from webproxy.acl import domain_denied
+from webproxy.context import Env
+from webproxy.errors import UpstreamError
+from webproxy.exchange import Answers, Exchange
+from webproxy.frontend import ClientConnection, Request, ResponseWriter
+from webproxy.httpmsg import Headers, Target, get_header, has_via_loop, strip_hop_by_hop
+from webproxy.origin import HttpOriginResponse, Opener, OriginResponse
+from webproxy.upstream import Upstream
+
+ALLOW_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"
+# Never echoed by TRACE (RFC 9110 9.3.8: a TRACE answer must not leak credentials).
+TRACE_SECRET_FIELDS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def refusal(env: Env, req: Request, target: Target) -> tuple[int, str] | None:
+    """Domain filter and loop detection for any fetch: (status, message) when refused."""
+    why = domain_denied(target.host, env.cfg.access)
+    if why:
+        return 403, f"access denied: {why}"
+    if has_via_loop(req.headers, env.cfg.server["name"]):
+        return 508, (f"forwarding loop detected: this request for {target.host} "
+                     "has already passed through this proxy")
+    return None
+
+
+def max_forwards_reached(req: Request) -> bool:
+    """TRACE or OPTIONS with Max-Forwards: 0 is answered by this hop (RFC 9110 7.6.2)."""
+    if req.method not in ("TRACE", "OPTIONS"):
+        return False
+    mf = get_header(req.headers, "max-forwards")
+    return mf is not None and mf.strip().isdigit() and int(mf.strip()) == 0
+
+
+class CacheHandler(Protocol):
+    """The cache layer as the fetchers see it (webproxy.caching.CacheLayer)."""
+
+    async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange,
+                     target: Target, lazy_headers: Headers | Callable[[], Headers],
+                     opener: Opener) -> bool | None: ...
+
+
+class HttpForwarder:
+    def __init__(self, env: Env, answers: Answers, upstream: Upstream) -> None:
+        self.env = env
+        self.answers = answers
+        self.upstream = upstream
+        self.cache: CacheHandler | None = None  # set when the cache is on
+
+    def request_headers(self, req: Request, target: Target, client_ip: str) -> Headers:
+        """End-to-end request fields for the origin, with Host from the URL and our Via."""
+        headers = [(k, v) for k, v in strip_hop_by_hop(req.headers) if k.lower() not in ("host", "expect")]
+        if req.method in ("TRACE", "OPTIONS"):
+            mf = get_header(headers, "max-forwards")
+            if mf is not None and mf.strip().isdigit():
+                headers = [(k, v) for k, v in headers if k.lower() != "max-forwards"]
+                headers.append(("Max-Forwards", str(int(mf.strip()) - 1)))
+        headers.insert(0, ("Host", target.authority))
+        headers.append(self.answers.via(req.version))
+        if self.env.cfg.server["x_forwarded_for"]:
+            prior = get_header(headers, "x-forwarded-for")
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
+            headers.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
+        return headers
+
+    async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target,
+                     cacheable: bool = True) -> bool:
+        refused = refusal(self.env, req, target)
+        if refused is not None:
+            return self.answers.deny(rw, ex, *refused)
+        if max_forwards_reached(req):
+            return self.answer_max_forwards(req, rw, ex)
+        cache = self.cache
+        if cache is not None and cacheable:
+            async def opener(method: str, hdrs: Headers) -> OriginResponse:
+                return await self.fetch(req, ex, target, hdrs, method)
+
+            # The forwarded fields are only built when something goes upstream: a hit never needs them.
+            handled = await cache.handle(conn, req, rw, ex, target,
+                                         lambda: self.request_headers(req, target, conn.client_ip), opener)
+            if handled is not None:
+                return handled
+        return await self.forward(req, rw, ex, target, self.request_headers(req, target, conn.client_ip))
+
+    async def fetch(self, req: Request, ex: Exchange, target: Target, headers: Headers,
+                    method: str | None = None) -> HttpOriginResponse:
+        """Send the request upstream (streaming the client's body) and return the response head."""
+        body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
+        oresp = await self.open(method or req.method, target, headers, body)
+        ex.hierarchy = logcodes.hier_direct(oresp.peer or target.host)
+        return oresp
+
+    async def open(self, method: str, target: Target, headers: Headers,
+                   body: AsyncIterator[bytes] | None = None) -> HttpOriginResponse:
+        upstream = self.upstream
+        upstream.active += 1
+        try:
+            resp = await upstream.request(method, target.fetch_url, headers, body, f"{target.host}:{target.port}")
+        finally:
+            upstream.active -= 1
+        return HttpOriginResponse(resp)
+
+    def opener_for(self, target: Target) -> Opener:
+        """Fetches with no client request behind them (background refresh): exactly the fields
+        given (stored Vary fields, validators) plus Host and Via."""
+        async def http_opener(method: str, headers: Headers) -> OriginResponse:
+            fields = [(k, v) for k, v in headers if k.lower() not in ("host", "via")]
+            fields.insert(0, ("Host", target.authority))
+            fields.append(self.answers.via("1.1"))
+            return await self.open(method, target, fields)
+
+        return http_opener
+
+    async def forward(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target, headers: Headers) -> bool:
+        """Plain pass-through: fetch and stream back, nothing stored."""
+        ex.code = logcodes.MISS
+        try:
+            resp = await self.fetch(req, ex, target, headers)
+        except UpstreamError as e:
+            return self.answers.upstream_error(req, rw, ex, e)
+        return await self.answers.relay(req, rw, ex, resp)
+
+    def answer_max_forwards(self, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        ex.code = logcodes.MISS
+        ex.status = 200
+        if req.method == "OPTIONS":
+            rw.start(200, "OK", [("Allow", ALLOW_METHODS), self.answers.via(req.version)], 0)
+            return rw.end()
+        lines = [f"{req.method} {req.target} HTTP/{req.version}"]
+        lines += [f"{k}: {v}" for k, v in req.headers if k.lower() not in TRACE_SECRET_FIELDS]
+        body = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        ex.ctype = "message/http"
+        rw.start(200, "OK", [("Content-Type", "message/http")], len(body))
+        rw.write(body)
+        return rw.end()

@@ -1,0 +1,169 @@
+"""Where a request goes: one pure classification (`route`) and one dispatch table (`Router`),
+built once when the proxy starts. Every path ends in exactly one access-log line.
+
+    client not allowed                  -> DENIED (403, close)
+    CONNECT host:port                   -> CONNECT
+    origin-form, via our own Via        -> LOOP (508)
+    origin-form on a redirected conn.   -> TRANSPARENT
+    origin-form, or a URL naming us     -> SELF (status page)
+    http:// / ftp:// (FETCHERS)         -> the fetcher of that scheme
+    a scheme we know but do not fetch   -> UNSUPPORTED (501);  anything else -> BAD (400)
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from webproxy import logcodes
+from webproxy.connect import ConnectHandler
+from webproxy.context import Env
+from webproxy.errors import ClientGone, Reject
+from webproxy.exchange import Answers, Exchange
+from webproxy.forward import HttpForwarder, refusal
+from webproxy.frontend import ClientConnection, Request, ResponseWriter
+from webproxy.ftpgate import FtpGate
+from webproxy.httpmsg import BadTarget, Target, get_header, has_via_loop, parse_absolute
+from webproxy.selfpages import SelfPages
+from webproxy.transparent import TransparentHttp
+
+# Schemes a client might send in absolute form that we know but do not fetch ourselves.
+KNOWN_UNSUPPORTED = frozenset({"https", "ws", "wss", "gopher", "wais", "news", "nntp", "telnet"})
+
+
+class Route(Enum):
+    DENIED = "denied"
+    CONNECT = "connect"
+    LOOP = "loop"
+    TRANSPARENT = "transparent"
+    SELF = "self"
+    HTTP = "http"
+    FTP = "ftp"
+    UNSUPPORTED = "unsupported"
+    BAD = "bad"
+
+
+FETCHERS = {"http": Route.HTTP, "ftp": Route.FTP}
+
+
+@dataclass(slots=True)
+class Routed:
+    route: Route
+    target: Target | None = None
+    message: str = ""  # for BAD and UNSUPPORTED
+
+
+def route(method: str, target: str, denied: bool, transparent: bool, looped: bool,
+          is_self: Callable[[str, int], bool]) -> Routed:
+    """Pure: which handler answers this request. `looped`: our own Via is on it already."""
+    if denied:
+        return Routed(Route.DENIED)
+    if method == "CONNECT":
+        return Routed(Route.CONNECT)
+    if target.startswith("/") or target == "*":
+        if looped:
+            return Routed(Route.LOOP)
+        return Routed(Route.TRANSPARENT if transparent else Route.SELF)
+    try:
+        t = parse_absolute(target)
+    except BadTarget as e:
+        return Routed(Route.BAD, message=str(e))
+    fetcher = FETCHERS.get(t.scheme)
+    if fetcher is Route.HTTP and is_self(t.host, t.port):
+        return Routed(Route.LOOP if looped else Route.SELF, t)
+    if fetcher is not None:
+        return Routed(fetcher, t)
+    if t.scheme in KNOWN_UNSUPPORTED:
+        return Routed(Route.UNSUPPORTED, t, f"this proxy does not fetch {t.scheme}:// URLs itself; "
+                      "for https use CONNECT (set the proxy for https in your client)")
+    return Routed(Route.BAD, t, f"unsupported URL scheme {t.scheme!r}")
+
+
+AccessLogger = Callable[[ClientConnection, Request, Exchange, int], None]
+
+
+class Router:
+    def __init__(self, env: Env, answers: Answers, forwarder: HttpForwarder, connect: ConnectHandler,
+                 ftp: FtpGate, transparent: TransparentHttp, pages: SelfPages, access: AccessLogger) -> None:
+        self.env = env
+        self.answers = answers
+        self.forwarder = forwarder
+        self.access = access
+        self.table: dict[Route, Callable[[ClientConnection, Request, ResponseWriter, Exchange, Routed],
+                                         Awaitable[bool]]] = {
+            Route.CONNECT: lambda c, r, w, e, _: connect.handle(c, r, w, e),
+            Route.TRANSPARENT: lambda c, r, w, e, _: transparent.handle(c, r, w, e),
+            Route.HTTP: lambda c, r, w, e, rt: forwarder.handle(c, r, w, e, rt.target),
+            Route.FTP: lambda c, r, w, e, rt: ftp.handle(c, r, w, e, rt.target),
+        }
+        self.pages = pages
+
+    def _route(self, conn: ClientConnection, req: Request) -> Routed:
+        return route(req.method, req.target, conn.denied, conn.transparent_dst is not None,
+                     has_via_loop(req.headers, self.env.cfg.server["name"]), self.env.is_self)
+
+    def answer_now(self, conn: ClientConnection, req: Request) -> bool:
+        """The parser-callback path: a fresh hit from memory, answered and logged synchronously.
+        False: the request goes to the serve task (`handle`) instead."""
+        cache = self.forwarder.cache
+        if cache is None or req.method != "GET" or conn.transparent_dst is not None:
+            return False
+        routed = self._route(conn, req)
+        if routed.route is not Route.HTTP or routed.target is None or refusal(self.env, req, routed.target):
+            return False
+        rw = ResponseWriter(conn, req)
+        ex = Exchange(req.target)
+        try:
+            keep = cache.answer_now(req, rw, ex, routed.target)
+        except ClientGone:
+            keep = False
+            ex.code = logcodes.aborted(ex.code)
+        if keep is None:
+            return False
+        self.access(conn, req, ex, rw.nbytes)
+        conn.finish_now(keep)
+        return True
+
+    async def handle(self, conn: ClientConnection, req: Request) -> bool:
+        """Answer one request; returns whether the connection may serve another."""
+        rw = ResponseWriter(conn, req)
+        ex = Exchange(req.target)
+        keep = False
+        try:
+            keep = await self._dispatch(conn, req, rw, ex)
+        except ClientGone:
+            ex.code = logcodes.aborted(ex.code)
+            keep = False
+        except Reject as e:
+            keep = self.answers.error(rw, ex, e.status, e.message, close=True)
+        except Exception as e:  # never let one request take the process (or the connection) down silently
+            self.env.log_error(f"internal error handling {req.method} {req.target[:200]}: {e!r}\n"
+                               + traceback.format_exc(limit=12))
+            if not conn.response_started and not conn.closed:
+                keep = self.answers.error(rw, ex, 500, "internal proxy error; see the proxy's error log", close=True)
+            else:
+                conn.abort()
+                keep = False
+        finally:
+            self.access(conn, req, ex, rw.nbytes)
+        return keep
+
+    async def _dispatch(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
+        routed = self._route(conn, req)
+        r = routed.route
+        if r is Route.DENIED:
+            return self.answers.deny(rw, ex, 403, f"access denied: your address {conn.client_ip} may not use "
+                                     "this proxy", close=True)
+        if r is Route.LOOP:
+            host = routed.target.host if routed.target else get_header(req.headers, "host")
+            return self.answers.deny(rw, ex, 508, f"forwarding loop detected: this request for {host} "
+                                     "has already passed through this proxy")
+        if r is Route.SELF:
+            return self.pages.handle(req, rw, ex, routed.target.path if routed.target else req.target)
+        if r is Route.BAD:
+            return self.answers.error(rw, ex, 400, routed.message)
+        if r is Route.UNSUPPORTED:
+            return self.answers.error(rw, ex, 501, routed.message)
+        return await self.table[r](conn, req, rw, ex, routed)
