@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from cache.collapse import Flights
 from cache.model import StoredResponse
 from cache.storable import expected_length
-
-if TYPE_CHECKING:
-    from cache.store import Store
 
 INLINE_MAX = 32 * 1024  # diskcache's own threshold for keeping values in SQLite
 
@@ -31,13 +29,25 @@ def process_tag(pid: int) -> str | None:
         return f"{pid}-0"
 
 
+class FillTarget(Protocol):
+    """Where a fill publishes (cache.store.Store): its size limit, temp files, the atomic publish
+    step and the collapsed-forwarding flights a commit or abort ends."""
+
+    max_object_size: int
+    flights: Flights
+
+    def tmp_path(self) -> str: ...
+
+    def publish(self, url_key: str, stored: StoredResponse, body: bytes | None, tmp: str | None) -> bool: ...
+
+
 class Fill:
     """A response body being stored while it is served. write() many times, then commit() when
     the upstream body ended normally, or abort(). Nothing is visible before commit; commit
     publishes only a body whose length matches Content-Length (when given). Usable as a context
     manager: leaving the block without commit aborts."""
 
-    def __init__(self, store: Store, url_key: str, stored: StoredResponse) -> None:
+    def __init__(self, store: FillTarget, url_key: str, stored: StoredResponse) -> None:
         self.store = store
         self.url_key = url_key
         self.stored = stored
@@ -66,7 +76,7 @@ class Fill:
             return
         self._buf += chunk
         if len(self._buf) >= INLINE_MAX:
-            self._tmp = self.store._tmp_path()
+            self._tmp = self.store.tmp_path()
             self._file = open(self._tmp, "wb")
             self._file.write(self._buf)
             self._buf = bytearray()
@@ -84,7 +94,7 @@ class Fill:
                     self._file = None
                 stored = self.stored.with_(body_size=self.received)
                 body = bytes(self._buf) if self._tmp is None else None
-                ok = self.store._publish(self.url_key, stored, body, self._tmp)
+                ok = self.store.publish(self.url_key, stored, body, self._tmp)
         finally:
             self.state = "committed" if ok else "aborted"
             if not ok:

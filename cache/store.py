@@ -180,7 +180,7 @@ class Store:
                     pass
         return removed
 
-    def _tmp_path(self) -> str:
+    def tmp_path(self) -> str:
         pid = os.getpid()
         if pid != self._tag_pid:  # also right after a fork
             self._tag_pid, self._tag = pid, process_tag(pid) or f"{pid}-0"
@@ -297,7 +297,7 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def _publish(self, url_key: str, stored: StoredResponse, body: bytes | None, tmp: str | None) -> bool:
+    def publish(self, url_key: str, stored: StoredResponse, body: bytes | None, tmp: str | None) -> bool:
         names = vary.vary_names(stored.headers)
         if names == ["*"]:
             return False

@@ -15,7 +15,7 @@ from cache.conditional import (
 from cache.decision import Action, decide, head_for, respond
 from cache.model import Policy, get_one
 from cache.ranges import MULTIPLE, UNSATISFIABLE, ByteRange, parse_range
-from tests.test_cache_rules_helpers import POLICY, T0, http_date, req, stored
+from tests.cache_support import POLICY, T0, http_date, req, stored
 
 FRESH60 = [("Cache-Control", "max-age=60"), ("ETag", '"v1"')]
 

@@ -10,7 +10,7 @@ from cache.freshness import (
     serve_headers,
 )
 from cache.model import Policy
-from tests.test_cache_rules_helpers import POLICY, T0, http_date, stored
+from tests.cache_support import POLICY, T0, http_date, stored
 
 
 def test_cache_control_directives_are_case_insensitive_and_combined_across_lines():

@@ -6,7 +6,7 @@ from cache.invalidation import invalidated_keys
 from cache.key import BadURL, cache_key
 from cache.storable import headers_to_store, is_complete, is_storable, make_stored, why_not_storable
 from cache.vary import matches, normalise, vary_names
-from tests.test_cache_rules_helpers import T0, req, stored
+from tests.cache_support import T0, req, stored
 
 OK = [("Content-Length", "3")]
 

@@ -14,7 +14,7 @@ import pytest
 
 from cache.model import StoredResponse
 from cache.store import Store
-from tests.test_cache_rules_helpers import ROOT, T0, Clock
+from tests.cache_support import ROOT, T0, Clock
 
 
 def head(size: int | None, *extra, cc="max-age=3600", vary_pairs=()) -> StoredResponse:

@@ -14,7 +14,7 @@ import pytest
 
 from cache.model import StoredResponse
 from cache.store import Store
-from tests.test_cache_rules_helpers import ROOT, T0, Clock
+from tests.cache_support import ROOT, T0, Clock
 
 
 def put(store: Store, url: str, body: bytes, cc: str = "max-age=60", etag: str = '"v1"') -> None:
