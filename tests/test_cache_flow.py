@@ -16,10 +16,10 @@ from cache.decision import Action, decide, head_for, respond
 from cache.httpdate import format_http_date
 from cache.invalidation import invalidated_keys
 from cache.key import cache_key
-from webproxy.logcodes import revalidation as revalidation_tag
-from webproxy.logcodes import served as served_tag
 from cache.model import Request, get_one
 from cache.store import Store
+from webproxy.logcodes import revalidation as revalidation_tag
+from webproxy.logcodes import served as served_tag
 
 T0 = 1_800_000_000.0
 
