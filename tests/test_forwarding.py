@@ -8,12 +8,11 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import urllib.request
 
 import pytest
 
-from tests.support import PeakRss, RawClient, curl, header
+from tests.support import PeakRss, RawClient, RawOrigin, curl, header
 
 
 def test_curl_get_through_proxy(proxy, origin):
@@ -35,40 +34,6 @@ def test_every_method_is_forwarded(proxy, origin, method):
     r = curl("-x", proxy.url, "-X", method, origin.url("/echo/m"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{method} /echo/m HTTP/1.1\n".encode())
-
-
-class RawOrigin:
-    """A socket origin that accepts any method (aiohttp's own parser knows only a fixed list) and
-    answers each request with its request line."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.lines: list[bytes] = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            buf = b""
-            with conn:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        data = conn.recv(4096)
-                        if not data:
-                            break
-                        buf += data
-                    if b"\r\n\r\n" not in buf:
-                        break
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    line = head.split(b"\r\n")[0]
-                    self.lines.append(line)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(line), line))
 
 
 @pytest.mark.parametrize("method", ["BREW", "X-CUSTOM-METHOD"])

@@ -12,7 +12,7 @@ from webproxy.http1 import ConnState, Framing, Refusal
 @pytest.mark.parametrize("headers, refusal", [
     ([("Content-Length", "5")], None),
     ([("Transfer-Encoding", "chunked")], None),
-    ([("Transfer-Encoding", "gzip, chunked")], None),
+    ([("Transfer-Encoding", "gzip, chunked")], 501),  # never forwarded as if it were identity
     ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], 400),
     ([("Content-Length", "5"), ("Content-Length", "6")], 400),
     ([("Content-Length", "5"), ("content-length", "5")], None),  # repeated, same value: one length
@@ -25,6 +25,11 @@ from webproxy.http1 import ConnState, Framing, Refusal
 def test_request_framing_refuses_the_smuggling_shapes(headers, refusal):
     got = http1.request_framing_refusal(headers)
     assert (got.status if got else None) == refusal
+
+
+def test_transfer_encoding_in_http10_is_faulty_framing():
+    assert http1.request_framing_refusal([("Transfer-Encoding", "chunked")], "1.0").status == 400
+    assert http1.request_framing_refusal([("Content-Length", "3")], "1.0") is None
 
 
 def test_only_100_continue_is_an_expectation_we_meet():

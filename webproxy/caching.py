@@ -64,19 +64,33 @@ class CacheLayer:
         self.answers = answers
         self.store = store
         self.background: set[asyncio.Task[Any]] = set()
+        self._keys: dict[str, str | None] = {}  # origin URL -> cache key (None: not cacheable)
         self._maintainer = asyncio.get_running_loop().create_task(self._maintain_loop())
 
     @property
     def name(self) -> str:
         return self.env.cfg.server["name"]
 
+    def key_for(self, url: str) -> str | None:
+        """cache_key(url), remembered for recent URLs (the hit path asks for every request)."""
+        keys = self._keys
+        if url in keys:
+            return keys[url]
+        try:
+            key: str | None = cache_key(url)
+        except BadURL:
+            key = None
+        if len(keys) >= 4096:
+            keys.clear()
+        keys[url] = key
+        return key
+
     # ---- entry points ---------------------------------------------------------------------------
     def answer_now(self, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool | None:
         """A fresh 200 from the memory tier, answered synchronously (one dict lookup, one write);
         None when this request needs more than that."""
-        try:
-            key = cache_key(target.origin_url)
-        except BadURL:
+        key = self.key_for(target.origin_url)
+        if key is None:
             return None
         hit = self.store.lookup(key, req.headers, count_use=False, memory_only=True)
         if hit is None:
@@ -96,9 +110,8 @@ class CacheLayer:
         """Answer `req` through the cache; None means: not a cache matter, forward it plainly.
         `lazy_headers`: the fields to send upstream, or a function that builds them."""
         method = req.method
-        try:
-            key = cache_key(target.origin_url)
-        except BadURL:
+        key = self.key_for(target.origin_url)
+        if key is None:
             return None
         if method == "PURGE":
             return self.purge(conn, rw, ex, key)

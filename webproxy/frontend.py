@@ -29,6 +29,9 @@ BODY_HIGH = 1 << 20  # pause reading the client when this much request body is w
 BODY_LOW = 1 << 18
 MAX_PIPELINE = 16  # parsed-but-unanswered requests before we stop reading the client
 WRITE_HIGH = 1 << 18
+# The extension-method path re-parses the start of a read to find where the next message begins;
+# a message longer than this before an extension method is refused instead, so work stays bounded.
+BOUNDARY_SEARCH_MAX = 1 << 20
 
 
 class RequestBody:
@@ -170,6 +173,9 @@ class ClientConnection(asyncio.Protocol):
         self._stash = b""
         self._method_override: str | None = None
         self._held: Request | None = None  # a bodiless request, until its message completes
+        self._head_bytes = 0  # bytes fed while the current request head is incomplete
+        self._tail = b""  # the last bytes of the previous read (a blank line may span two reads)
+        self._completed_with_body = 0
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -289,28 +295,55 @@ class ClientConnection(asyncio.Protocol):
         self._hdrs: Headers = []
         self._hsize = 0
         self._cur_body: RequestBody | None = None
+        self._headers_done = False
         self._body_expected = False
         self._expect_continue = False
         self._msg_start = 0.0
 
     def data_received(self, data: bytes) -> None:
+        """Feed the parser. No exception from parsing escapes: whatever cannot be parsed is a 400
+        (or the Reject's status) after the requests completed before it (RFC 9112 2.2)."""
         if self._parse_failed or self.closed:
             return
         if self._stash:
             data, self._stash = self._stash + data, b""
+        try:
+            # A loop, not recursion: each round re-feeds what follows an extension method.
+            while data is not None and not self._parse_failed:
+                data = self._feed(data)
+        except Exception as e:  # a parser state we did not foresee: refuse, never crash the transport
+            self._fail_parse(400, f"malformed HTTP request ({_parser_reason(e)})")
+
+    def _feed(self, data: bytes) -> bytes | None:
+        """One parser feed; returns bytes to feed next (after an extension method), else None."""
         at_boundary = not self._in_message
+        if self._in_message and not self._headers_done:
+            self._head_bytes += len(data)  # on_message_begin resets it for a head that starts now
         self._completed = 0
+        self._completed_with_body = 0
+        tail, self._tail = self._tail, data[-3:]
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserInvalidMethodError:
             # llhttp knows a fixed list of methods; a proxy must forward extension methods too.
-            off = 0 if self._completed == 0 else _boundary_after(data, self._completed)
-            if not at_boundary or off is None:
-                self._fail_parse(400, "malformed HTTP request (invalid method)")
+            k = self._completed
+            if k == 0:
+                off: int | None = 0 if at_boundary else None
+            elif at_boundary:
+                off = _boundary_after(data, k)
+            elif self._completed_with_body == 0:
+                # The read began inside a head: with no body among the k messages, message k+1
+                # begins after the k-th blank line (counting the previous read's last bytes).
+                end = _heads_end(tail + data, k)
+                off = None if end is None else end - len(tail)
             else:
-                self._extension_method(data[off:])
+                off = None
+            if off is None or off < 0:
+                self._fail_parse(400, "malformed HTTP request (invalid method)")
+                return None
+            return self._extension_method(data[off:])
         except httptools.HttpParserUpgrade as e:
-            self._on_upgrade(data[e.args[0]:])
+            return self._on_upgrade(data[e.args[0]:])
         except Reject as e:
             self._fail_parse(e.status, e.message)
         except httptools.HttpParserError as e:
@@ -319,9 +352,20 @@ class ClientConnection(asyncio.Protocol):
                 self._fail_parse(cause.status, cause.message)
             else:
                 self._fail_parse(400, f"malformed HTTP request ({_parser_reason(e)})")
+            return None
+        # llhttp only reports a header once its line ends: a head that keeps growing without one
+        # must still be refused at the limit, not buffered whole.
+        if self._in_message and not self._headers_done and self._head_bytes > self._head_limit():
+            limit = self.host.limits["max_header_size"]
+            self._fail_parse(431, f"the request header section is larger than this proxy's limit of {limit} bytes")
+        return None
 
-    def _extension_method(self, rest: bytes) -> None:
-        """Re-feed a request whose method llhttp does not know, with a stand-in method that frames
+    def _head_limit(self) -> int:
+        limits = self.host.limits
+        return limits["max_header_size"] + limits["max_uri_length"] + 64  # 64: method, version, line ends
+
+    def _extension_method(self, rest: bytes) -> bytes | None:
+        """A request whose method llhttp does not know is re-fed with a stand-in method that frames
         the same way; on_headers_complete puts the real one back."""
         sp = rest.find(b" ")
         self.parser = httptools.HttpRequestParser(self)
@@ -331,27 +375,27 @@ class ClientConnection(asyncio.Protocol):
                 self._fail_parse(400, "malformed HTTP request (method token too long)")
             else:
                 self._stash = rest  # the method token is not complete yet
-            return
+            return None
         method = rest[:sp]
         if not _TOKEN_RE.fullmatch(method):
             self._fail_parse(400, "malformed HTTP request (invalid method)")
-            return
+            return None
         self._method_override = method.decode("ascii")
-        self.data_received(b"GET" + rest[sp:])
+        return b"GET" + rest[sp:]
 
-    def _on_upgrade(self, rest: bytes) -> None:
+    def _on_upgrade(self, rest: bytes) -> bytes | None:
         self._release_held()
         req = self.pending[-1] if self.pending else None
         if isinstance(req, Request) and req.method == "CONNECT":
             # Everything after a CONNECT head belongs to the tunnel, not to the HTTP parser.
             self.upgrade_rest = rest
             self.pause_reading("upgrade")
-            return
+            return None
         # An Upgrade request (e.g. websocket) is forwarded without its Upgrade header, so the
         # connection stays HTTP: parse on with a fresh parser.
         self.parser = httptools.HttpRequestParser(self)
-        if rest:
-            self.data_received(rest)
+        self._in_message = False
+        return rest or None
 
     def _fail_parse(self, status: int, message: str) -> None:
         self._parse_failed = True
@@ -364,6 +408,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._head_bytes = 0
         self._reset_message()
         self._msg_start = self.host.now()
         self._disarm_idle()
@@ -377,6 +422,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._hsize += len(name) + len(value) + 4
+        if self._headers_done:
+            # A trailer field of a chunked body: never merged into the header section (RFC 9110
+            # 6.5.1). This proxy does not forward request trailers; it still bounds their size.
+            if self._hsize > self.host.limits["max_header_size"]:
+                raise Reject(431, "the request trailer section is larger than this proxy's limit")
+            return
         limit = self.host.limits["max_header_size"]
         if self._hsize > limit:
             raise Reject(431, f"the request header section is larger than this proxy's limit of {limit} bytes")
@@ -393,13 +444,14 @@ class ClientConnection(asyncio.Protocol):
             self._expect_continue = True
 
     def on_headers_complete(self) -> None:
+        self._headers_done = True
         p = self.parser
         method = self._method_override or p.get_method().decode("latin-1")
         self._method_override = None
         version = p.get_http_version()
         target = b"".join(self._url).decode("latin-1")
         headers = self._hdrs
-        refusal = http1.request_framing_refusal(headers)
+        refusal = http1.request_framing_refusal(headers, version)
         if refusal is not None:
             raise Reject(*refusal)
         keep_alive = http1.wants_keep_alive(version, headers, p.should_keep_alive())
@@ -426,6 +478,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         self._completed += 1
+        if self._body_expected:
+            self._completed_with_body += 1
         if self._cur_body is not None:
             self._cur_body.finish()
             self._cur_body = None
@@ -699,21 +753,41 @@ class _Counter:
 
 def _boundary_after(data: bytes, k: int) -> int | None:
     """Offset in `data` (which starts at a message boundary) where message k+1 begins: the shortest
-    prefix in which a scratch parser completes k messages. Only used on the rare extension-method path."""
+    prefix in which a scratch parser completes k messages. Only used on the extension-method path.
+    Galloping, then bisecting, so the work grows with the boundary's offset, not with the read:
+    a pipelined flood of extension methods costs about log(request size) scratch parses each."""
     def completed(prefix: bytes) -> int:
         c = _Counter()
-        with contextlib.suppress(httptools.HttpParserError):
+        with contextlib.suppress(Exception):
             httptools.HttpRequestParser(c).feed_data(prefix)
         return c.n
 
-    lo, hi = 1, len(data)
+    lo, hi = 1, min(256, len(data))
+    while completed(data[:hi]) < k:
+        if hi >= len(data) or hi >= BOUNDARY_SEARCH_MAX:
+            return None  # bounded work: what follows is refused (400), never searched for long
+        lo, hi = hi + 1, min(hi * 4, len(data))
     while lo < hi:
         mid = (lo + hi) // 2
         if completed(data[:mid]) >= k:
             hi = mid
         else:
             lo = mid + 1
-    return lo if completed(data[:lo]) >= k else None
+    return lo
+
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+def _heads_end(data: bytes, k: int) -> int | None:
+    """Offset just past the k-th blank line in `data` (where a bodiless message k ends)."""
+    pos = 0
+    for _ in range(k):
+        m = _BLANK_LINE.search(data, pos)
+        if m is None:
+            return None
+        pos = m.end()
+    return pos
 
 
 def _parser_reason(e: Exception) -> str:

@@ -32,9 +32,10 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     return [(k, v) for k, v in headers if (lk := k.lower()) not in HOP_BY_HOP and lk not in named]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Target:
-    """An absolute-form request target, split without re-quoting anything."""
+    """An absolute-form request target, split without re-quoting anything (immutable, so one
+    parse can be shared by every request for the same target)."""
 
     scheme: str
     host: str  # lower-cased; IPv6 without brackets
@@ -85,6 +86,22 @@ def check_host(host: str) -> str:
     if not name or len(name) > 253 or not all(_LABEL_RE.match(label) for label in name.split(".")):
         raise BadTarget(f"bad host name in URL: {host[:100]!r}")
     return host
+
+
+_PARSED: dict[str, Target] = {}
+_PARSED_MAX = 4096
+
+
+def parse_absolute_cached(url: str) -> Target:
+    """parse_absolute, remembered for the most recent targets: a busy proxy sees the same URLs
+    again and again, and the hit path should not pay for a parse each time."""
+    t = _PARSED.get(url)
+    if t is None:
+        t = parse_absolute(url)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[url] = t
+    return t
 
 
 def parse_absolute(url: str) -> Target:

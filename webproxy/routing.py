@@ -25,7 +25,7 @@ from webproxy.exchange import Answers, Exchange
 from webproxy.forward import HttpForwarder, refusal
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.ftpgate import FtpGate
-from webproxy.httpmsg import BadTarget, Target, get_header, has_via_loop, parse_absolute
+from webproxy.httpmsg import BadTarget, Target, get_header, has_via_loop, parse_absolute_cached
 from webproxy.selfpages import SelfPages
 from webproxy.transparent import TransparentHttp
 
@@ -67,7 +67,7 @@ def route(method: str, target: str, denied: bool, transparent: bool, looped: boo
             return Routed(Route.LOOP)
         return Routed(Route.TRANSPARENT if transparent else Route.SELF)
     try:
-        t = parse_absolute(target)
+        t = parse_absolute_cached(target)
     except BadTarget as e:
         return Routed(Route.BAD, message=str(e))
     fetcher = FETCHERS.get(t.scheme)
