@@ -42,16 +42,18 @@ def test_forwarding_loop_via_our_own_name_gets_508(proxy, origin):
     assert origin.hits["/text/loop"] == before
 
 
-def test_request_that_comes_back_to_the_proxy_is_stopped_by_its_via(make_proxy, origin):
+def test_a_url_naming_the_proxy_by_another_local_address_is_answered_by_the_proxy(make_proxy, origin):
     p = make_proxy({"cache": {"enabled": False}})
     p.stop()
-    # Listening on every address, http://127.0.0.3:PORT/ is this proxy under a name it does not
-    # recognise as its own: the request comes back carrying our Via, and the second pass stops it.
+    # Listening on every address, http://127.0.0.3:PORT/ is this proxy: it is recognised as such
+    # (not fetched from itself) and answered with the proxy's own page.
     p.config_path.write_text(p.config_path.read_text().replace('"127.0.0.1:', '"0.0.0.0:'))
     p.start()
     r = curl("-x", p.url, "-i", f"http://127.0.0.3:{p.port}/x")
-    assert r.stdout.startswith(b"HTTP/1.1 508")
-    assert b"forwarding loop" in r.stdout
+    assert r.stdout.startswith(b"HTTP/1.1 400") and b"this is a proxy server" in r.stdout
+    r = curl("-x", p.url, "-i", f"http://127.0.0.3:{p.port}/status")
+    assert r.stdout.startswith(b"HTTP/1.1 200") and b"requests served" in r.stdout
+    assert sum(1 for line in p.access_lines() if "HIER_DIRECT" in line) == 0
 
 
 def test_connections_over_the_per_client_cap_get_503(make_proxy, origin):

@@ -10,14 +10,27 @@ from typing import Any
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_allowed(ip: str, networks: Iterable[Network]) -> bool:
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as the kernel routes it: scope dropped, IPv4-mapped IPv6 as IPv4; None for a name."""
     try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        addr = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+        return addr.ipv4_mapped
+    return addr
+
+
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    """Whether an address (IPv4-mapped IPv6 read as IPv4) is in one of `networks`; a name is not."""
+    addr = ip_of(ip)
+    if addr is None:
+        return False
     return any(addr.version == net.version and addr in net for net in networks)
+
+
+client_allowed = in_networks  # access.allow_clients / admin_clients
+destination_denied = in_networks  # access.deny_destinations, on a resolved address
 
 
 def _suffix_match(host: str, suffixes: Iterable[str]) -> bool:
@@ -38,6 +51,26 @@ def domain_denied(host: str, access: dict[str, Any]) -> str | None:
     if access["allow_domains"] and not _suffix_match(host, access["allow_domains"]):
         return f"the domain {host} is not on this proxy's allow list"
     return None
+
+
+def names_listener(ip: str, port: int, listeners: Iterable[tuple[str, int]], is_local: bool) -> bool:
+    """Whether connecting to ip:port reaches one of `listeners` (host, port), under any spelling
+    of the address: an unspecified address (0.0.0.0, ::) connects to this host, and a listener on an
+    unspecified address answers on every local address (`is_local`: ip is one of this host's)."""
+    addr = ip_of(ip)
+    if addr is None:
+        return False
+    for lhost, lport in listeners:
+        if lport != port:
+            continue
+        laddr = ip_of(lhost) if lhost != "localhost" else ipaddress.ip_address("127.0.0.1")
+        if laddr is None:
+            continue
+        if laddr.is_unspecified and (is_local or addr.is_unspecified or addr.is_loopback):
+            return True
+        if addr == laddr or (addr.is_unspecified and laddr.is_loopback and addr.version == laddr.version):
+            return True
+    return False
 
 
 class ConnectionCounter:

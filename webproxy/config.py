@@ -43,6 +43,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "access": {
         "allow_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
         "admin_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
+        "deny_destinations": ("nets", ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128", "::ffff:127.0.0.0/104"]),
         "allow_domains": ("strs", []),
         "deny_domains": ("strs", []),
         "max_connections": ("int", 4096),

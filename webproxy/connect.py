@@ -54,6 +54,16 @@ class ConnectHandler:
         except UpstreamError as e:
             return answers.error(rw, ex, 502, f"cannot connect to {e}", close=True)
         peer = upstream.getpeername()
+        # Checked on the address actually reached, so no spelling of the proxy's own address
+        # ([::ffff:127.0.0.1], 0.0.0.0, [::], a name) tunnels a client back into the proxy.
+        if self.env.is_self(peer[0], peer[1]):
+            upstream.close()
+            return answers.deny(rw, ex, 508, f"forwarding loop detected: CONNECT to {host}:{port} is this proxy",
+                                close=True)
+        if self.env.destination_refused(conn.client_ip, peer[0]):
+            upstream.close()
+            return answers.deny(rw, ex, 403, f"access denied: {host} is an address of the proxy host "
+                                "(see access.deny_destinations)", close=True)
         ex.hierarchy = logcodes.hier_direct(peer[0])
         ex.status = 200
         try:

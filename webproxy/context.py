@@ -21,3 +21,7 @@ class Env(Protocol):
     def is_self(self, host: str, port: int) -> bool: ...  # does host:port name one of our listeners
 
     def is_admin(self, client_ip: str) -> bool: ...
+
+    def destination_refused(self, client_ip: str, ip: str) -> bool: ...  # access.deny_destinations
+
+    def is_local_address(self, ip: str) -> bool: ...  # an address of this host

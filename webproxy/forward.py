@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+from tunnel.connect import Resolver
 from webproxy import logcodes
-from webproxy.acl import domain_denied
+from webproxy.acl import domain_denied, ip_of
 from webproxy.context import Env
 from webproxy.errors import UpstreamError
 from webproxy.exchange import Answers, Exchange
@@ -34,6 +35,23 @@ def refusal(env: Env, req: Request, target: Target) -> tuple[int, str] | None:
     return None
 
 
+async def destination_refusal(env: Env, resolve: Resolver, client_ip: str, host: str, port: int) -> str | None:
+    """access.deny_destinations on the resolved address, for clients not on this host (a client
+    on the LAN must not reach services bound to the proxy host's loopback)."""
+    if not env.cfg.access["deny_destinations"] or env.is_local_address(client_ip):
+        return None
+    if ip_of(host) is not None:
+        ips = [host]
+    else:
+        try:
+            ips = [e["host"] if isinstance(e, dict) else str(e) for e in await resolve(host, port)]
+        except Exception:
+            return None  # the fetch itself reports the DNS failure
+    if any(env.destination_refused(client_ip, ip) for ip in ips):
+        return f"access denied: {host} is an address of the proxy host (see access.deny_destinations)"
+    return None
+
+
 def max_forwards_reached(req: Request) -> bool:
     """TRACE or OPTIONS with Max-Forwards: 0 is answered by this hop (RFC 9110 7.6.2)."""
     if req.method not in ("TRACE", "OPTIONS"):
@@ -51,10 +69,11 @@ class CacheHandler(Protocol):
 
 
 class HttpForwarder:
-    def __init__(self, env: Env, answers: Answers, upstream: Upstream) -> None:
+    def __init__(self, env: Env, answers: Answers, upstream: Upstream, resolve: Resolver) -> None:
         self.env = env
         self.answers = answers
         self.upstream = upstream
+        self.resolve = resolve
         self.cache: CacheHandler | None = None  # set when the cache is on
 
     def request_headers(self, req: Request, target: Target, client_ip: str) -> Headers:
@@ -78,6 +97,11 @@ class HttpForwarder:
         refused = refusal(self.env, req, target)
         if refused is not None:
             return self.answers.deny(rw, ex, *refused)
+        why = await destination_refusal(self.env, self.resolve, conn.client_ip,
+                                        target.connect.rsplit(":", 1)[0].strip("[]") if target.connect else target.host,
+                                        target.port)
+        if why is not None:
+            return self.answers.deny(rw, ex, 403, why)
         if max_forwards_reached(req):
             return self.answer_max_forwards(req, rw, ex)
         cache = self.cache

@@ -29,6 +29,7 @@ BODY_HIGH = 1 << 20  # pause reading the client when this much request body is w
 BODY_LOW = 1 << 18
 MAX_PIPELINE = 16  # parsed-but-unanswered requests before we stop reading the client
 WRITE_HIGH = 1 << 18
+DENIED_LINGER = 2.0  # seconds a refused client has to send the request its 403 answers
 # The extension-method path re-parses the start of a read to find where the next message begins;
 # a message longer than this before an extension method is refused instead, so work stays bounded.
 BOUNDARY_SEARCH_MAX = 1 << 20
@@ -202,17 +203,22 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip, self.client_port = peer[0], peer[1]
-        refusal = self.host.admit(self)
-        if refusal is not None:
-            status, message = refusal
-            transport.write(self._simple(status, message, keep_alive=False))
-            transport.close()
-            self._to(ConnState.CLOSED)
-            return
-        self._admitted = True
-        self.denied = self.host.denied(self)  # decided once per connection, answered per request
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self._arm_idle()
+        self.denied = self.host.denied(self)
+        if self.denied:
+            # Not counted against the connection limits, and not kept: a request that is already
+            # on its way gets its 403 (and the connection closes after it), silence is cut short.
+            self._idle = self.loop.call_later(DENIED_LINGER, self.close)
+        else:
+            refusal = self.host.admit(self)
+            if refusal is not None:
+                status, message = refusal
+                transport.write(self._simple(status, message, keep_alive=False))
+                transport.close()
+                self._to(ConnState.CLOSED)
+                return
+            self._admitted = True
+            self._arm_idle()
         if self.initial:
             data, self.initial = self.initial, b""
             self.data_received(data)

@@ -12,11 +12,12 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from tunnel.connect import Resolver
 from webproxy import logcodes
 from webproxy.context import Env
 from webproxy.errors import OriginError
 from webproxy.exchange import Answers, Exchange
-from webproxy.forward import CacheHandler, refusal
+from webproxy.forward import CacheHandler, destination_refusal, refusal
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.ftp import FtpResponse, FtpTransferError, fetch
 from webproxy.ftppool import FtpPool
@@ -52,9 +53,10 @@ class FtpOriginResponse(OriginResponse):
 
 
 class FtpGate:
-    def __init__(self, env: Env, answers: Answers) -> None:
+    def __init__(self, env: Env, answers: Answers, resolve: Resolver) -> None:
         self.env = env
         self.answers = answers
+        self.resolve = resolve
         self.pool = FtpPool(env.cfg.ftp)
         self.cache: CacheHandler | None = None  # set when the cache is on
 
@@ -77,6 +79,9 @@ class FtpGate:
         refused = refusal(self.env, req, target)
         if refused is not None:
             return self.answers.deny(rw, ex, *refused)
+        why = await destination_refusal(self.env, self.resolve, conn.client_ip, target.host, target.port)
+        if why is not None:
+            return self.answers.deny(rw, ex, 403, why)
         headers = [(k, v) for k, v in req.headers if k.lower() not in ("host", "proxy-authorization")]
 
         async def opener(method: str, hdrs: Headers) -> OriginResponse:

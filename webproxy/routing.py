@@ -161,7 +161,7 @@ class Router:
             return self.answers.deny(rw, ex, 508, f"forwarding loop detected: this request for {host} "
                                      "has already passed through this proxy")
         if r is Route.SELF:
-            return self.pages.handle(req, rw, ex, routed.target.path if routed.target else req.target)
+            return self.pages.handle(req, rw, ex, routed.target.path if routed.target else req.target, conn.client_ip)
         if r is Route.BAD:
             return self.answers.error(rw, ex, 400, routed.message)
         if r is Route.UNSUPPORTED:

@@ -7,6 +7,7 @@ import html
 from collections.abc import Callable
 
 from webproxy import __version__, logcodes
+from webproxy.context import Env
 from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import Request, ResponseWriter
 from webproxy.httpmsg import get_header
@@ -22,12 +23,16 @@ def status_html(rows: list[tuple[str, str]]) -> str:
 
 
 class SelfPages:
-    def __init__(self, answers: Answers, rows: Rows) -> None:
+    def __init__(self, env: Env, answers: Answers, rows: Rows) -> None:
+        self.env = env
         self.answers = answers
         self.rows = rows
 
-    def handle(self, req: Request, rw: ResponseWriter, ex: Exchange, path: str) -> bool:
+    def handle(self, req: Request, rw: ResponseWriter, ex: Exchange, path: str, client_ip: str) -> bool:
         if req.method in ("GET", "HEAD") and path in ("/", "/status"):
+            if not self.env.is_admin(client_ip):
+                return self.answers.deny(rw, ex, 403, f"access denied: the status page is for admin clients "
+                                         f"(access.admin_clients); {client_ip} is not one")
             ex.code = logcodes.MISS
             ex.status = 200
             ex.ctype = "text/html"

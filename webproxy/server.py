@@ -18,7 +18,7 @@ from typing import Any
 from webproxy import config as config_mod
 from webproxy import logcodes
 from webproxy.accesslog import AccessLog
-from webproxy.acl import ConnectionCounter, client_allowed
+from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
 from webproxy.caching import CacheLayer
 from webproxy.composition import attach_layers
 from webproxy.connect import ConnectHandler
@@ -50,17 +50,18 @@ class ProxyServer:
         # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
         self.resolve = self.upstream.resolver.resolve
         self.answers = Answers(self)
-        self.forwarder = HttpForwarder(self, self.answers, self.upstream)
-        self.ftp = FtpGate(self, self.answers)
+        self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
+        self.ftp = FtpGate(self, self.answers, self.resolve)
         self.cache_layer: CacheLayer | None = None
         self.router = Router(self, self.answers, self.forwarder,
                              ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp,
                              TransparentHttp(self.answers, self.forwarder, self.resolve),
-                             SelfPages(self.answers, self.status_rows), self.access)
+                             SelfPages(self, self.answers, self.status_rows), self.access)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
         self.started = time.time()
         self.requests = 0
+        self._local: dict[str, bool] = {}
         self._stopping: asyncio.Future[None] = self.loop.create_future()
         self._flush_timer: asyncio.TimerHandle | None = None
         self.closers: list[Callable[[], Awaitable[None]]] = []  # at shutdown (transparent, forwarders, refresher)
@@ -125,11 +126,24 @@ class ProxyServer:
         return client_allowed(client_ip, self.cfg.access["admin_clients"])
 
     def is_self(self, host: str, port: int) -> bool:
-        for lhost, lport in self.listen_addrs:
-            if port == lport and (host == lhost or host in ("localhost", "127.0.0.1", "::1")
-                                  and lhost in ("0.0.0.0", "::", "127.0.0.1", "::1", "localhost")):
-                return True
-        return False
+        if host == "localhost":
+            host = "127.0.0.1"
+        return names_listener(host, port, self.listen_addrs, self.is_local_address(host))
+
+    def is_local_address(self, ip: str) -> bool:
+        """Whether `ip` is an address of this host (it can be bound to); remembered per address."""
+        known = self._local.get(ip)
+        if known is None:
+            addr = ip_of(ip)
+            known = addr is not None and (addr.is_loopback or addr.is_unspecified or _bindable(str(addr)))
+            if len(self._local) > 4096:
+                self._local.clear()
+            self._local[ip] = known
+        return known
+
+    def destination_refused(self, client_ip: str, ip: str) -> bool:
+        """access.deny_destinations, for clients that are not on this host."""
+        return destination_denied(ip, self.cfg.access["deny_destinations"]) and not self.is_local_address(client_ip)
 
     _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -313,3 +327,13 @@ def run(cfg: config_mod.Config) -> int:
                 continue
         code = max(code, os.waitstatus_to_exitcode(status))
     return code
+
+
+def _bindable(ip: str) -> bool:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
