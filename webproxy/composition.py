@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from webproxy.service import Identity, acting_as
+
 if TYPE_CHECKING:
     from webproxy.server import ProxyServer
 
 
-async def attach_layers(server: ProxyServer) -> None:
-    """Raises StartupError (one line for the user) when a transparent or tunnel listener cannot bind."""
+async def attach_layers(server: ProxyServer, ident: Identity | None = None) -> None:
+    """Raises StartupError (one line for the user) when a transparent or tunnel listener cannot bind.
+    `ident`: the user (server.user) the cache's files are created as."""
     from webproxy.ftpgate import FtpGate
 
     server.ftp_layer = FtpGate(server)
     if server.cfg.cache["enabled"]:
         from webproxy.caching import CacheLayer
 
-        server.cache_layer = CacheLayer(server)
+        with acting_as(ident):
+            server.cache_layer = CacheLayer(server)
         if server.cfg.refresh["enabled"]:
             from webproxy.refresher import attach
 

@@ -11,6 +11,7 @@ from tunnel.relay import relay
 from webproxy.acl import domain_denied
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.httpmsg import BadTarget, has_via_loop, parse_authority
+from webproxy.metrics import TALLY
 from webproxy.proxy import Exchange
 
 if TYPE_CHECKING:
@@ -60,10 +61,12 @@ async def handle_connect(server: ProxyServer, conn: ClientConnection, req: Reque
         upstream.close()
         raise
     rw.nbytes = len(ESTABLISHED)
+    TALLY.tunnels += 1
     try:
         result = await relay(client, upstream, client_initial=conn.upgrade_rest or b"",
                              idle_timeout=cfg.server["idle_timeout"] or None)
         rw.nbytes += result.upstream_to_client
     finally:
+        TALLY.tunnels -= 1
         server.release(conn)
     return False

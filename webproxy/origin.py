@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from webproxy.httpmsg import Headers, strip_hop_by_hop
+from webproxy.metrics import TALLY
 
 
 class OriginError(Exception):
@@ -70,6 +71,7 @@ class HttpOriginResponse(OriginResponse):
             raise OriginError("origin closed before the end of the body")
 
     async def close(self, clean: bool) -> None:
+        TALLY.origin_bytes += self.resp.content.total_bytes
         if clean:
             self.resp.release()
         else:

@@ -4,7 +4,6 @@ fetch, or a page about the proxy itself. Every path ends in exactly one access-l
 
 from __future__ import annotations
 
-import html
 import time
 import traceback
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from webproxy.httpmsg import (
     parse_absolute,
     strip_hop_by_hop,
 )
+from webproxy.metrics import TALLY
 from webproxy.origin import HttpOriginResponse, OriginError, OriginResponse
 from webproxy.upstream import UpstreamError
 
@@ -184,10 +184,12 @@ class Proxy:
                    body: AsyncIterator[bytes] | None = None) -> HttpOriginResponse:
         upstream = self.server.upstream
         upstream.active += 1
+        sent = time.monotonic()
         try:
             resp = await upstream.request(method, target.fetch_url, headers, body, f"{target.host}:{target.port}")
         finally:
             upstream.active -= 1
+        TALLY.fetched(time.monotonic() - sent)
         return HttpOriginResponse(resp)
 
     def via(self, version: str) -> tuple[str, str]:
@@ -252,7 +254,7 @@ class Proxy:
             return self._error(rw, ex, r.status, r.message, close=True)
         if req.body is not None and isinstance(req.body.error, ClientGone):
             raise req.body.error
-        self.server.log_error(f"{e.status} for {req.method} {req.target[:200]}: {e.message}", "info")
+        self.server.upstream_failure(req.method, req.target, e.status, e.message)
         return self._error(rw, ex, e.status, e.message)
 
     def answer_max_forwards(self, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
@@ -282,28 +284,20 @@ class Proxy:
                                "has already passed through this proxy")
         if conn.transparent_dst is not None:
             return await self.server.transparent_http(conn, req, rw, ex, host)
-        if req.method in ("GET", "HEAD") and req.target in ("/", "/status"):
-            ex.code = "TCP_MISS"
-            ex.status = 200
-            ex.ctype = "text/html"
-            body = self.status_page().encode()
-            rw.start(200, "OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], len(body))
-            rw.write(body)
-            return rw.end()
+        page = self.server.pages.answer(conn, req) if self.server.pages is not None else None
+        if page is not None:
+            return self.send_page(rw, ex, page)
         return self._error(rw, ex, 400, f"this is a proxy server, not a web server: {req.target[:200]!r} "
                            f"(Host: {host or 'none'}) is not an absolute URL. Configure your client to use "
                            "this address as its HTTP proxy, e.g. curl -x http://HOST:PORT http://example.com/")
 
-    def status_page(self) -> str:
-        s = self.server
-        rows = [
-            ("version", __version__),
-            ("uptime", f"{int(time.time() - s.started)} s"),
-            ("client connections open", str(s.counter.total)),
-            ("requests served", str(s.requests)),
-        ]
-        rows += s.status_rows()
-        cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-        return (f"<!doctype html><html><head><title>webproxy</title></head><body><h1>webproxy</h1>"
-                f"<p>This is an HTTP proxy. Point your client at it; it does not serve pages itself.</p>"
-                f"<table>{cells}</table></body></html>\n")
+    def send_page(self, rw: ResponseWriter, ex: Exchange, page: Any) -> bool:
+        """A page about the proxy itself (webproxy.selfpages.Page), never stored by anyone. Logged as
+        Squid 5 logs what involved no cache lookup (NONE_NONE), so scrapes do not count as misses."""
+        ex.code = "TCP_DENIED" if page.status == 403 else "NONE_NONE"
+        ex.status = page.status
+        ex.ctype = page.content_type
+        rw.start(page.status, "OK" if page.status == 200 else "Forbidden",
+                 [("Content-Type", page.content_type), ("Cache-Control", "no-store"), *page.headers], len(page.body))
+        rw.write(page.body)
+        return rw.end()

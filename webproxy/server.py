@@ -1,6 +1,6 @@
 """Server lifecycle: listeners, admission (client networks, connection caps), logs, SIGHUP reload,
-graceful shutdown on SIGTERM/SIGINT. Composes the front end, the upstream client, the cache and
-the tunnel.
+graceful shutdown on SIGTERM/SIGINT (a second one hurries it), privilege drop and pid file.
+Composes the front end, the upstream client, the cache and the tunnel.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import time
 from typing import Any
 
 from webproxy import config as config_mod
+from webproxy import logfiles, metrics, service
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed
+from webproxy.errorlog import ErrorLog, FailureSummary
 from webproxy.frontend import ClientConnection, ParseFailure, Request, ResponseWriter
 from webproxy.httpmsg import Target
 from webproxy.proxy import Exchange, Proxy
@@ -29,12 +31,20 @@ class StartupError(Exception):
 
 
 class ProxyServer:
-    def __init__(self, cfg: config_mod.Config) -> None:
+    def __init__(self, cfg: config_mod.Config, metrics_dir: str | None = None) -> None:
+        """Raises StartupError when a log file cannot be opened."""
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.counter = ConnectionCounter()
         self.connections: set[ClientConnection] = set()
-        self.accesslog = AccessLog(cfg.log["access_log"])
+        try:
+            self.errorlog = ErrorLog(cfg.log["error_log"], cfg.log["level"])
+            self.accesslog = AccessLog(cfg.log["access_log"])
+        except config_mod.ConfigError as e:
+            raise StartupError(str(e)) from None
+        self.failures = FailureSummary()
+        self.metrics_dir = metrics_dir
+        self.pages: Any = None  # SelfPages, once privileges are dropped (its files belong to the user)
         self.upstream = Upstream(cfg.upstream)
         # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
         self.resolve = self.upstream.resolver.resolve
@@ -47,6 +57,7 @@ class ProxyServer:
         self.started = time.time()
         self.requests = 0
         self._stopping: asyncio.Future[None] = self.loop.create_future()
+        self._hurry = False  # a second SIGTERM/SIGINT: end the grace period now
         self._flush_timer: asyncio.TimerHandle | None = None
         self.closers: list[Any] = []  # coroutines to await at shutdown (transparent, forwarders)
 
@@ -61,11 +72,13 @@ class ProxyServer:
             self.accesslog.log(time.time(), conn.client_ip, "TCP_DENIED", 503, 0, "-", "-", ctype="text/plain")
             return (503, f"too many connections: {why}")
         self.connections.add(conn)
+        metrics.TALLY.connections += 1
         return None
 
     def release(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.counter.release(conn.client_ip)
+        metrics.TALLY.connections -= 1
 
     def denied(self, conn: ClientConnection) -> bool:
         return not client_allowed(conn.client_ip, self.cfg.access["allow_clients"])
@@ -84,23 +97,22 @@ class ProxyServer:
         self.requests += 1
         self.accesslog.log(req.start, conn.client_ip, ex.code, ex.status, nbytes, req.method, ex.url,
                            ex.hierarchy, ex.ctype)
+        metrics.TALLY.request(req.method, ex.status, ex.code, nbytes, ex.url)
 
     def on_parse_failure(self, conn: ClientConnection, item: ParseFailure) -> None:
         self.accesslog.log(item.start, conn.client_ip, "TAG_NONE", item.status, 0, "NONE",
                            "error:invalid-request", ctype="text/plain")
-
-    _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+        metrics.TALLY.request("NONE", item.status, "TAG_NONE", 0, "-")
 
     def log_error(self, message: str, level: str = "error") -> None:
-        if self._LEVELS[level] < self._LEVELS[self.cfg.log["level"]]:
-            return
-        print(f"{time.strftime('%Y/%m/%d %H:%M:%S')} webproxy: {message}", file=sys.stderr, flush=True)
+        self.errorlog.write(message, level)
 
-    def status_rows(self) -> list[tuple[str, str]]:
-        rows = []
-        if self.cache_layer is not None:
-            rows += self.cache_layer.status_rows()
-        return rows
+    def upstream_failure(self, method: str, url: str, status: int, message: str) -> None:
+        """An origin could not be reached or answered badly: the first failure per host and minute
+        is logged whole, the rest as one summary line when the minute is over."""
+        line = f"{status} for {method} {url[:200]}: {message}"
+        for out in self.failures.record(metrics.host_of(url), time.time(), line):
+            self.log_error(out, "info")
 
     # ---- scheme handlers that other parts of the proxy provide -------------------------------------
     async def connect(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange) -> bool:
@@ -157,11 +169,30 @@ class ProxyServer:
 
     def _schedule_flush(self) -> None:
         self.accesslog.flush()
+        now = time.time()
+        for line in self.failures.due(now):
+            self.log_error(line, "info")
+        if self.pages is not None:
+            try:
+                self.pages.tick(now)
+            except Exception as e:  # metrics must never stop the timer that flushes the logs
+                self.log_error(f"metrics: {e!r}")
         self._flush_timer = self.loop.call_later(1.0, self._schedule_flush)
 
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections if c.busy or c.pending)
+
     def request_stop(self) -> None:
-        if not self._stopping.done():
-            self._stopping.set_result(None)
+        """SIGTERM/SIGINT: the first starts a graceful stop, a second ends the grace period at once."""
+        if self._stopping.done():
+            if not self._hurry:
+                self._hurry = True
+                self.log_error("second stop signal: closing all connections now")
+            return
+        grace = self.cfg.server["grace_period"]
+        self.log_error(f"stopping: {self.in_flight()} request(s) in flight, waiting up to {grace:g} s for them "
+                       "(send SIGTERM or press Ctrl-C again to stop at once)")
+        self._stopping.set_result(None)
 
     async def serve_until_stopped(self) -> None:
         await self._stopping
@@ -177,7 +208,7 @@ class ProxyServer:
                 conn.close()
                 conn._wake()
         deadline = time.monotonic() + self.cfg.server["grace_period"]
-        while any(not c.closed for c in self.connections) and time.monotonic() < deadline:
+        while any(not c.closed for c in self.connections) and time.monotonic() < deadline and not self._hurry:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
@@ -191,6 +222,8 @@ class ProxyServer:
         if self.ftp_layer is not None:
             await self.ftp_layer.close()
         await self.upstream.close()
+        if self.pages is not None:
+            self.pages.close()
         self.accesslog.close()
 
     def reload(self) -> None:
@@ -200,6 +233,15 @@ class ProxyServer:
             return
         try:
             new = config_mod.load(self.cfg.path)
+            # Both logs are opened before anything changes: a path that cannot be opened keeps the
+            # running config whole, old log files included.
+            access_file = logfiles.open_log("access_log", new.log["access_log"])
+            try:
+                error_file = logfiles.open_log("error_log", new.log["error_log"])
+            except config_mod.ConfigError:
+                if access_file is not None and access_file is not sys.stderr:
+                    access_file.close()
+                raise
         except config_mod.ConfigError as e:
             self.log_error(f"reload failed, keeping the running config: {e}")
             return
@@ -212,7 +254,9 @@ class ProxyServer:
         new.cache = {**self.cfg.cache, **{k: v for k, v in new.cache.items() if f"cache.{k}" not in config_mod.RESTART_KEYS}}
         new.transparent = self.cfg.transparent
         new.tunnel = self.cfg.tunnel
-        self.accesslog.reopen(new.log["access_log"])  # always: after logrotate renamed the file too
+        # Always switch files, even to the same paths: after logrotate renamed them too.
+        self.accesslog.use(new.log["access_log"], access_file)
+        self.errorlog.use(new.log["error_log"], new.log["level"], error_file)
         self.cfg = new
         self.upstream.cfg = new.upstream
         self.reload_access()
@@ -277,30 +321,58 @@ def bind_listeners(addrs: list[tuple[str, int]], reuse_port: bool) -> list[socke
     return socks
 
 
-async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> None:
-    server = ProxyServer(cfg)
+def start_line(cfg: config_mod.Config, listen: list[tuple[str, int]]) -> str:
+    """What an admin wants to see once: where it listens, which config, which cache, the status page."""
+    addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listen)
+    source = f"config {os.path.abspath(cfg.path)}" if cfg.path else "embedded defaults (no -c FILE)"
+    if cfg.cache["enabled"]:
+        from webproxy.statuspage import human_bytes
+
+        cache = f"cache {cfg.cache['directory']} ({human_bytes(cfg.cache['capacity'])})"
+    else:
+        cache = "cache off"
+    host, port = listen[0] if listen else ("127.0.0.1", 3128)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    page = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    return f"listening on {addrs} (pid {os.getpid()}); {source}; {cache}; status page {page}"
+
+
+async def run_server(cfg: config_mod.Config, sockets: list[socket.socket], metrics_dir: str | None = None,
+                     ident: service.Identity | None = None, worker: bool = False) -> None:
+    """One serving process. `worker`: forked by run() (the main process turns SIGINT into SIGTERM)."""
+    server = ProxyServer(cfg, metrics_dir)
     try:
         await server.start(sockets)
         from webproxy.composition import attach_layers
 
-        await attach_layers(server)
+        # The cache's files are created as the user the process drops to; privileged listeners
+        # (transparent, forwarders) are still opened as root.
+        await attach_layers(server, ident)
+        service.drop_privileges(ident)
+        from webproxy.selfpages import SelfPages
+
+        server.pages = SelfPages(server, metrics_dir)
     except BaseException:
         for closer in server.closers:
             with contextlib.suppress(Exception):
                 await closer()
+        if server.cache_layer is not None:
+            await server.cache_layer.close()
         await server.upstream.close()
         raise
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, server.request_stop)
-    loop.add_signal_handler(signal.SIGINT, server.request_stop)
+    if not worker:  # workers ignore SIGINT: the main process forwards it as SIGTERM
+        loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.listen_addrs)
-    server.log_error(f"listening on {addrs} (pid {os.getpid()})")
+    server.log_error(start_line(cfg, server.listen_addrs))
     await server.serve_until_stopped()
     server.log_error("stopped")
 
 
-def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket]) -> int:
+def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket], metrics_dir: str | None,
+                   ident: service.Identity | None, worker: bool) -> int:
     try:
         import uvloop
 
@@ -308,38 +380,80 @@ def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket]) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(run_server(cfg, sockets))
+        runner(run_server(cfg, sockets, metrics_dir, ident, worker))
     except StartupError as e:
         print(f"webproxy: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def prepare(cfg: config_mod.Config) -> service.Identity | None:
+    """Everything that can be wrong before binding, each as one line (StartupError)."""
+    try:
+        logfiles.check(cfg)
+        ident = service.identity(cfg)
+    except config_mod.ConfigError as e:
+        raise StartupError(str(e)) from None
+    why = service.check_start(ident, os.geteuid())
+    if why:
+        raise StartupError(why)
+    if ident is not None and cfg.cache["enabled"] and os.geteuid() == 0:
+        why = service.prepare_cache_dir(ident, cfg.cache["directory"])
+        if why:
+            raise StartupError(why)
+    check_cache_dir(cfg)
+    return ident
+
+
 def run(cfg: config_mod.Config) -> int:
     workers = max(1, cfg.server["workers"])
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs the reload handler
+    pid_file = cfg.server["pid_file"]
     try:
-        check_cache_dir(cfg)
+        ident = prepare(cfg)
         # One socket per worker and address, all bound with SO_REUSEPORT: the kernel spreads
         # new connections across the workers instead of waking all of them.
         per_worker = [bind_listeners(cfg.server["listen"], workers > 1) for _ in range(workers)]
+        if pid_file:
+            try:
+                service.write_pid_file(pid_file, os.getpid())
+            except config_mod.ConfigError as e:
+                for socks in per_worker:
+                    for sock in socks:
+                        sock.close()
+                raise StartupError(str(e)) from None
     except StartupError as e:
         print(f"webproxy: {e}", file=sys.stderr)
         return 2
-    if workers == 1:
-        return _serve_process(cfg, per_worker[0])
+    if ident is None and os.geteuid() == 0:
+        warn = ErrorLog(cfg.log["error_log"], cfg.log["level"])
+        warn.write(service.ROOT_WARNING, "warning")
+        warn.close()
+    metrics_dir = metrics.prepare_directory((ident.uid, ident.gid) if ident and os.geteuid() == 0 else None)
+    try:
+        if workers == 1:
+            return _serve_process(cfg, per_worker[0], metrics_dir, ident, worker=False)
+        return _run_workers(cfg, per_worker, metrics_dir, ident)
+    finally:
+        metrics.remove_directory(metrics_dir)
+        if pid_file:
+            service.remove_pid_file(pid_file, os.getpid())
+
+
+def _run_workers(cfg: config_mod.Config, per_worker: list[list[socket.socket]], metrics_dir: str,
+                 ident: service.Identity | None) -> int:
     children = []
-    for i in range(workers):
+    for i in range(len(per_worker)):
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             for j, socks in enumerate(per_worker):
                 if j != i:
                     for sock in socks:
                         sock.close()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                code = _serve_process(cfg, per_worker[i])
+                code = _serve_process(cfg, per_worker[i], metrics_dir, ident, worker=True)
             finally:
                 os._exit(code)
         children.append(pid)
@@ -348,9 +462,11 @@ def run(cfg: config_mod.Config) -> int:
             sock.close()
 
     def forward(sig: int, _frame: Any) -> None:
+        # Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group): it is
+        # forwarded as SIGTERM, so one Ctrl-C is one stop and a second one hurries it.
         for child in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, sig)
+                os.kill(child, signal.SIGTERM if sig == signal.SIGINT else sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
