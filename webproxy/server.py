@@ -349,9 +349,11 @@ async def run_server(cfg: config_mod.Config, sockets: list[socket.socket], metri
         # The cache's files are created as the user the process drops to; privileged listeners
         # (transparent, forwarders) are still opened as root.
         await attach_layers(server, ident)
-        service.drop_privileges(ident)
         from webproxy.selfpages import SelfPages
 
+        if ident is not None and os.geteuid() == 0:
+            service.preload_modules()
+        service.drop_privileges(ident)
         server.pages = SelfPages(server, metrics_dir)
     except BaseException:
         for closer in server.closers:

@@ -90,6 +90,25 @@ def acting_as(ident: Identity | None) -> Iterator[None]:
         os.setegid(0)
 
 
+def preload_modules() -> None:
+    """Import every module the proxy may import lazily, while the files are still readable: after
+    the drop the interpreter's own directory may not be (a Python under /root, say)."""
+    import importlib
+    import pkgutil
+
+    import cache
+    import tunnel
+    import webproxy
+
+    for package in (webproxy, cache, tunnel):
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            if info.name not in ("webproxy.__main__",):
+                importlib.import_module(info.name)
+    for name in ("prometheus_client", "prometheus_client.multiprocess", "prometheus_client.exposition",
+                 "prometheus_client.core", "json", "traceback", "shutil"):
+        importlib.import_module(name)
+
+
 def drop_privileges(ident: Identity | None) -> None:
     """Become `ident` for good (real, effective and saved ids; supplementary groups reset)."""
     if ident is None or os.geteuid() != 0:
