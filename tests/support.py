@@ -278,6 +278,23 @@ class ProxyProcess:
         return self.proc.returncode
 
 
+def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """`python -m webproxy ARGS...` from this checkout; text output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
 

@@ -6,22 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tomllib
 
 import pytest
 
-from tests.support import ROOT, RawClient, curl, free_port, write_config
+from tests.support import ROOT, RawClient, curl, free_port, run_cli, write_config
 from webproxy import config
-
-
-def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def test_documented_config_equals_embedded_defaults():

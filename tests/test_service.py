@@ -10,7 +10,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,24 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, curl, free_port, write_config
+from tests.support import ROOT, curl, free_port, run_cli, wait_until, write_config
 from webproxy import config
 from webproxy.errorlog import FailureSummary
-
-
-def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def base_config(tmp_path: Path, **sections: dict) -> dict:
@@ -128,7 +112,7 @@ def test_sighup_with_unopenable_access_log_keeps_the_old_file(make_proxy, origin
     text = text.replace("[server]", "[access]\ndeny_domains = [\"127.0.0.1\"]\n\n[server]", 1)
     p.config_path.write_text(text)
     p.signal(signal.SIGHUP)
-    assert wait_for(lambda: "reload failed" in p.stderr())
+    assert wait_until(lambda: "reload failed" in p.stderr())
     assert (f"reload failed, keeping the running config: log.access_log: cannot open {bad}: the directory "
             f"{bad.parent} does not exist; create it or change log.access_log") in p.stderr()
     assert "Traceback" not in p.stderr()
@@ -180,9 +164,9 @@ def test_second_sigterm_exits_without_waiting_for_the_grace_period(make_proxy, o
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", curl("-x", p.url, origin.url("/slow?s=20"))))
     t.start()
-    assert wait_for(lambda: origin.hits["/slow"] >= 1)
+    assert wait_until(lambda: origin.hits["/slow"] >= 1)
     p.signal(signal.SIGTERM)
-    assert wait_for(lambda: "stopping:" in p.stderr())
+    assert wait_until(lambda: "stopping:" in p.stderr())
     assert "stopping: 1 request(s) in flight, waiting up to 30 s for them (send SIGTERM or press Ctrl-C again " \
            "to stop at once)" in p.stderr()
     time.sleep(0.3)
@@ -257,3 +241,39 @@ def test_cache_directory_of_another_user_is_one_line_exit_2(tmp_path):
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+
+
+def test_ctrl_c_with_workers_stops_gracefully_once_and_at_once_the_second_time(make_proxy, origin):
+    p = make_proxy({"server": {"workers": 2, "grace_period": 30.0}, "cache": {"enabled": False}})
+    children = [int(x) for x in Path(f"/proc/{p.proc.pid}/task/{p.proc.pid}/children").read_text().split()]
+    assert len(children) == 2
+    before = origin.hits["/slow"]
+    t = threading.Thread(target=lambda: curl("-x", p.url, origin.url("/slow?s=20")))
+    t.start()
+    assert wait_until(lambda: origin.hits["/slow"] > before)
+
+    def ctrl_c() -> None:  # what a terminal does: SIGINT to every process of the foreground group
+        for pid in (p.proc.pid, *children):
+            os.kill(pid, signal.SIGINT)
+
+    ctrl_c()
+    assert wait_until(lambda: p.stderr().count("stopping:") == 2)  # one line per worker
+    time.sleep(0.5)
+    assert p.proc.poll() is None and "second stop signal" not in p.stderr()
+    start = time.monotonic()
+    ctrl_c()
+    assert p.proc.wait(5) == 0
+    assert time.monotonic() - start < 3
+    t.join(10)
+
+
+def test_systemd_unit_is_valid(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "conf" / "webproxy.service").read_text()
+    assert "ExecStart=/usr/local/bin/webproxy run -c /etc/webproxy/webproxy.toml" in unit
+    # verify checks that the executables exist: point them at one that does.
+    (tmp_path / "webproxy.service").write_text(unit.replace("/usr/local/bin/webproxy", "/bin/true"))
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "webproxy.service")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
