@@ -162,8 +162,9 @@ def test_hit_ratio_window_over_minute_and_hour():
     w.add(4540, 50, 100)
     # The last minute: since the sample at 4540 (the newest one at least 60 s old at 4600).
     assert w.ratio(4600, 60, 59, 110) == pytest.approx(9 / 10)
-    # The last hour: since the sample at 1000 (nothing older than 3600 s yet).
+    # The last hour: no sample is that old yet, so since start.
     assert w.ratio(4600, 3600, 59, 110) == pytest.approx(59 / 110)
+    assert w.ratio(3100, 3600, 55, 101) == pytest.approx(55 / 101)
     w.add(8000, 60, 120)  # samples older than an hour are dropped
     assert w.times == [4540, 8000]
 

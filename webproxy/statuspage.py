@@ -31,6 +31,10 @@ def human_count(n: float) -> str:
     return f"{int(n):,}".replace(",", "\u2009")  # thin space: 1 234 567 reads in every locale
 
 
+def counted(n: float, one: str, many: str) -> str:
+    return f"{human_count(n)} {one if int(n) == 1 else many}"
+
+
 def percent(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{100 * ratio:.1f} %"
 
@@ -52,13 +56,10 @@ class RatioWindow:
             del self.times[:cut], self.values[:cut]
 
     def ratio(self, now: float, seconds: float, hits: float, lookups: float) -> float | None:
-        """Hit ratio between the newest sample at least `seconds` old (or the oldest one) and the
-        current (hits, lookups); None when there were no lookups."""
-        if not self.times:
-            base_hits, base_lookups = 0.0, 0.0
-        else:
-            i = bisect.bisect_right(self.times, now - seconds) - 1
-            base_hits, base_lookups = self.values[max(i, 0)]
+        """Hit ratio between the newest sample at least `seconds` old and the current (hits,
+        lookups); since start (zero) when no sample is that old yet; None without lookups."""
+        i = bisect.bisect_right(self.times, now - seconds) - 1
+        base_hits, base_lookups = self.values[i] if i >= 0 else (0.0, 0.0)
         d = lookups - base_lookups
         return (hits - base_hits) / d if d > 0 else None
 
@@ -116,12 +117,13 @@ code { font: .9em ui-monospace, "SFMono-Regular", Menlo, monospace; }
 .card .label { color: var(--muted); font-size: .8rem; text-transform: uppercase; letter-spacing: .04em; }
 .card .value { font-size: 1.45rem; font-weight: 600; font-variant-numeric: tabular-nums; }
 .card .sub { color: var(--muted); font-size: .85rem; }
-.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(20rem, 1fr)); gap: 1rem; }
+.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(24rem, 1fr)); column-gap: 1.25rem; }
 table { width: 100%; border-collapse: collapse; background: var(--card); border: 1px solid var(--line);
   border-radius: .6rem; overflow: hidden; }
 th, td { padding: .4rem .7rem; border-bottom: 1px solid var(--line); text-align: left; }
 th { color: var(--muted); font-weight: 500; font-size: .85rem; }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td { overflow-wrap: anywhere; }
 tr:last-child td { border-bottom: 0; }
 .bar { height: .5rem; background: var(--line); border-radius: .25rem; overflow: hidden; margin-top: .4rem; }
 .bar span { display: block; height: 100%; background: var(--accent); }
@@ -150,7 +152,7 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int], empty: 
 
 RESULT_NAMES = [("hit", "disk hits"), ("memory_hit", "memory hits"), ("miss", "misses"),
                 ("refresh", "revalidated"), ("tunnel", "tunnels"), ("denied", "denied"),
-                ("none", "other (errors, proxy pages)")]
+                ("none", "other (errors, these pages)")]
 
 
 def render(s: Snapshot) -> str:
@@ -162,15 +164,15 @@ def render(s: Snapshot) -> str:
               s.hit_ratio_minute),
         _card("hit ratio since start", percent(s.hit_ratio_all), bar=s.hit_ratio_all),
         _card("sent to clients", human_bytes(s.client_bytes), f"from origins {human_bytes(s.origin_bytes)}"),
-        _card("client connections", human_count(s.connections), f"{human_count(s.tunnels)} open tunnels"),
+        _card("client connections", human_count(s.connections), f"{counted(s.tunnels, 'open tunnel', 'open tunnels')}"),
         _card("origin response time", f"{1000 * s.fetch_seconds / s.fetches:.0f} ms" if s.fetches else "n/a",
-              f"mean of {human_count(s.fetches)} fetches"),
+              f"mean of {counted(s.fetches, 'fetch', 'fetches')}"),
     ]
     if s.cache is not None:
         c = s.cache
         used = c["bytes"] / c["capacity"] if c["capacity"] else 0.0
         cards.append(_card("cache", f"{human_bytes(c['bytes'])}", f"of {human_bytes(c['capacity'])}, "
-                           f"{human_count(c['entries'])} entries, {human_count(c['evictions'])} evicted", used))
+                           f"{counted(c['entries'], 'entry', 'entries')}, {human_count(c['evictions'])} evicted", used))
         cards.append(_card("refreshes in flight", human_count(s.refreshes_active)))
     else:
         cards.append(_card("cache", "off", "cache.enabled = false"))
