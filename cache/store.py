@@ -52,7 +52,7 @@ _ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
 SEP = "\x01"  # between a cache key and a secondary key; cannot occur in a request target
 GEN_KEY = "#generation"
 STAT_PREFIX = "#stats:"
-STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved")
+STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved", "evictions")
 # Active refresh (webproxy.refresher): refreshes run, of which 304 (freshness extended), replaced
 # (a new body), failed (entry left as it was), and client hits on entries a refresh kept fresh.
 REFRESH_STAT_NAMES = ("refreshes", "refresh_304", "refresh_replaced", "refresh_failed", "refresh_hits")
@@ -94,13 +94,26 @@ class Hit:
         self.close()
 
 
-def _open_cache(directory: str, timeout: float, settings: dict[str, Any]) -> diskcache.Cache:
+class _Cache(diskcache.Cache):
+    """diskcache.Cache counting the rows its per-commit culling removes (diskcache does not say;
+    SQLite's total_changes() does, and only deletes happen inside _cull)."""
+
+    culled = 0
+
+    def _cull(self, now: float, sql: Any, cleanup: Any, limit: int | None = None) -> None:
+        (before,) = sql("SELECT total_changes()").fetchone()
+        super()._cull(now, sql, cleanup, limit)
+        (after,) = sql("SELECT total_changes()").fetchone()
+        self.culled += after - before
+
+
+def _open_cache(directory: str, timeout: float, settings: dict[str, Any]) -> _Cache:
     # diskcache's constructor runs a few statements without its busy-retry (the tag index), so
     # opening while another process writes can fail with "database is locked": retry briefly.
     deadline = time.monotonic() + max(timeout, 5.0)
     while True:
         try:
-            return diskcache.Cache(directory, timeout=timeout, disk=EntryDisk, **settings)
+            return _Cache(directory, timeout=timeout, disk=EntryDisk, **settings)
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
@@ -422,6 +435,8 @@ class Store:
         self._flushed = time.monotonic()
         uses, self._uses = self._uses, {}
         counts, self._counts = self._counts, dict.fromkeys(COUNTER_NAMES, 0)
+        counts["evictions"] += self._cache.culled
+        self._cache.culled = 0
         if not uses and not any(counts.values()):
             return
         now = self.clock()
@@ -461,9 +476,11 @@ class Store:
         Meant for an executor thread or a timer; commits already cull a bounded batch."""
         self.flush()
         try:
-            return self._cache.cull()
+            n = self._cache.cull()
         except diskcache.Timeout as e:
-            return e.args[0] if e.args else 0
+            n = e.args[0] if e.args else 0
+        self._cache.culled += n
+        return n
 
     # --- removal ----------------------------------------------------------------------------
 

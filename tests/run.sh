@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=""
-  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps; do
+  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps node:nodejs chromium:chromium; do
     command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
   done
   if [ -n "$need" ]; then

@@ -221,6 +221,8 @@ class ProxyProcess:
         for section, keys in (sections or {}).items():
             base.setdefault(section, {}).update(keys)
         self.config_path = write_config(tmp / "webproxy.toml", base)
+        error_log = base.get("log", {}).get("error_log", "-")
+        self.error_log_path = Path(error_log) if error_log not in ("-", "") else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -236,13 +238,18 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"webproxy exited {self.proc.returncode}: {self.stderr()}")
-            if "listening on" in self.stderr():
+            if "listening on" in self.stderr() + self.error_log():
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"webproxy did not start: {self.stderr()}")
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace") if self.err_path.exists() else ""
+
+    def error_log(self) -> str:
+        """The error log file's text when log.error_log names one (else errors go to stderr())."""
+        p = self.error_log_path
+        return p.read_text(errors="replace") if p is not None and p.exists() else ""
 
     def access_lines(self, wait_for: int = 0) -> list[str]:
         """Access log lines; waits (bounded) for at least `wait_for` lines, since the log is buffered."""
@@ -269,6 +276,23 @@ class ProxyProcess:
                 self.proc.wait()
         self._err.close()
         return self.proc.returncode
+
+
+def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """`python -m webproxy ARGS...` from this checkout; text output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:

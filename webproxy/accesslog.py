@@ -12,28 +12,28 @@ import sys
 import time
 from typing import TextIO
 
+from webproxy.logfiles import open_log
+
 
 class AccessLog:
     def __init__(self, target: str) -> None:
+        """`target`: a path, "-" for stderr, "" for none. Raises ConfigError (one line) when the
+        path cannot be opened."""
         self.target = target
-        self._file: TextIO | None = None
         self._buf: list[str] = []
         self._last_flush = time.monotonic()
-        self.open()
-
-    def open(self) -> None:
-        """(Re)open the target: "-" is stderr, "" disables logging, anything else is a file path."""
-        if self.target == "-":
-            self._file = sys.stderr
-        elif self.target:
-            self._file = open(self.target, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
-        else:
-            self._file = None
+        self._file: TextIO | None = open_log("access_log", target)
 
     def reopen(self, target: str) -> None:
+        """Switch to `target` (SIGHUP, logrotate). The new file is opened first: when that fails
+        (ConfigError), the old one stays open and in use."""
+        self.use(target, open_log("access_log", target))
+
+    def use(self, target: str, file: TextIO | None) -> None:
+        """Write to `file` (already opened for `target`) from now on; the old file is closed."""
         self.close()
         self.target = target
-        self.open()
+        self._file = file
 
     def log(
         self,

@@ -396,11 +396,6 @@ class CacheLayer:
             except Exception as e:
                 self.env.log_error(f"cache maintenance failed: {e!r}")
 
-    def status_rows(self) -> list[tuple[str, str]]:
-        s = self.store.stats()
-        return [("cache entries", str(s["entries"])), ("cache bytes", f"{s['bytes']} of {s['capacity']}"),
-                ("cache hit ratio", f"{s['hit_ratio']:.1%}")]
-
     async def close(self) -> None:
         self._maintainer.cancel()
         for task in list(self.background):

@@ -117,6 +117,7 @@ def cache_main(args: argparse.Namespace) -> int:
     print(f"misses       {s['misses']}")
     print(f"hit ratio    {100 * s['hit_ratio']:.1f}%")
     print(f"bytes saved  {s['bytes_saved']} ({_human(s['bytes_saved'])})")
+    print(f"evictions    {s['evictions']}")
     print(f"refreshes    {s['refreshes']} ({s['refresh_304']} not modified, {s['refresh_replaced']} replaced, "
           f"{s['refresh_failed']} failed)")
     print(f"refresh hits {s['refresh_hits']}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from webproxy import config, server
+from webproxy import config, logfiles, server, service
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,11 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise config.ConfigError(f"--listen: {e}") from None
     if args.check:
+        # What starting would find wrong before binding: log paths, server.user, the pid file's directory.
+        logfiles.check(cfg)
+        service.identity(cfg)
+        if cfg.server["pid_file"]:
+            service.check_pid_file(cfg.server["pid_file"])
         print(f"webproxy: config {args.config or '(embedded defaults)'} is valid")
         return 0
     return server.run(cfg)

@@ -17,8 +17,9 @@ from webproxy.config import Config
 from webproxy.context import Env
 from webproxy.exchange import Answers
 from webproxy.frontend import ClientConnection, ConnectionHost
-from webproxy.refresher import RefreshHost
+from webproxy.refresher import Refresher, RefreshHost
 from webproxy.refresher import attach as attach_refresher
+from webproxy.service import Identity, acting_as
 from webproxy.startup import StartupError, listen_error
 
 
@@ -33,16 +34,17 @@ class Composable(Env, RefreshHost, ConnectionHost, Protocol):
     listen_addrs: list[tuple[str, int]]
     closers: list[Callable[[], Awaitable[None]]]
 
-    def attach_cache(self, layer: CacheLayer) -> None: ...
+    def attach_cache(self, layer: CacheLayer, refresher: Refresher | None) -> None: ...
 
 
-async def attach_layers(proxy: Composable) -> None:
-    """Raises StartupError (one line for the user) when a transparent or tunnel listener cannot bind."""
+async def attach_layers(proxy: Composable, ident: Identity | None = None) -> None:
+    """Raises StartupError (one line for the user) when a transparent or tunnel listener cannot bind.
+    `ident`: the user (server.user) the cache's files are created as."""
     cfg = proxy.cfg
     if cfg.cache["enabled"]:
-        layer = CacheLayer(proxy, proxy.answers, open_store(cfg.cache))
-        proxy.attach_cache(layer)
-        attach_refresher(proxy, layer)
+        with acting_as(ident):
+            layer = CacheLayer(proxy, proxy.answers, open_store(cfg.cache))
+        proxy.attach_cache(layer, attach_refresher(proxy, layer))
     if cfg.transparent["listen"]:
         await _start_transparent(proxy)
     if cfg.tunnel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,27 @@ def _default_cache_dir() -> str:
     return os.path.join(base, "webproxy")
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ::1 (IPv6 may be compiled out or disabled by sysctl)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# Loopback only, on both address families where the machine has IPv6: clients that resolve
+# `localhost` to ::1 first would otherwise be refused.
+DEFAULT_LISTEN = ["127.0.0.1:3128", "[::1]:3128"] if ipv6_loopback() else ["127.0.0.1:3128"]
+
 # Types understood by the checker. "size" takes an integer number of bytes or a string such as
 # "512 MiB"; "addr" is "host:port" ("[::1]:3128" for IPv6); "nets" is a list of CIDR networks.
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "server": {
-        "listen": ("addrs", ["127.0.0.1:3128"]),
+        "listen": ("addrs", DEFAULT_LISTEN),
         "name": ("str", "webproxy"),
         "workers": ("int", 1),
         "idle_timeout": ("float", 60.0),
@@ -39,6 +56,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_uri_length": ("int", 16384),
         "max_body_size": ("size", 0),
         "x_forwarded_for": ("bool", False),
+        "user": ("str", ""),
+        "group": ("str", ""),
+        "pid_file": ("str", ""),
     },
     "access": {
         "allow_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
@@ -60,6 +80,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "log": {
         "access_log": ("str", "-"),
+        "error_log": ("str", "-"),
         "level": ("choice:debug,info,warning,error", "info"),
     },
     "cache": {
@@ -102,10 +123,16 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "sniff_bytes": ("int", 4096),
         "sniff_timeout": ("float", 2.0),
     },
+    "pac": {
+        "proxy": ("str", ""),
+        "direct_domains": ("strs", []),
+        "direct_networks": ("nets", []),
+    },
 }
 
 # Keys whose new value only takes effect after a restart (SIGHUP reports them).
-RESTART_KEYS = {"server.listen", "server.workers", "cache.directory", "transparent.listen", "transparent.mode"}
+RESTART_KEYS = {"server.listen", "server.workers", "server.user", "server.group", "server.pid_file",
+                "cache.directory", "transparent.listen", "transparent.mode"}
 
 # Sections that are lists of tables; each entry is checked against its own schema.
 LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
@@ -240,6 +267,7 @@ class Config:
     refresh: dict[str, Any]
     ftp: dict[str, Any]
     transparent: dict[str, Any]
+    pac: dict[str, Any]
     tunnel: list[dict[str, Any]]
     path: str | None = None
 

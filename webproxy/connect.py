@@ -14,6 +14,7 @@ from webproxy.context import Env
 from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.httpmsg import BadTarget, has_via_loop, parse_authority
+from webproxy.metrics import TALLY
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -73,10 +74,12 @@ class ConnectHandler:
             upstream.close()
             raise
         rw.nbytes = len(ESTABLISHED)
+        TALLY.tunnels += 1
         try:
             result = await relay(client, upstream, client_initial=conn.upgrade_rest or b"",
                                  idle_timeout=cfg.server["idle_timeout"] or None)
             rw.nbytes += result.upstream_to_client
         finally:
+            TALLY.tunnels -= 1
             self.release(conn)
         return False

@@ -18,6 +18,8 @@ class Env(Protocol):
 
     def log_error(self, message: str, level: str = "error") -> None: ...
 
+    def upstream_failure(self, method: str, url: str, status: int, message: str) -> None: ...  # summarised
+
     def is_self(self, host: str, port: int) -> bool: ...  # does host:port name one of our listeners
 
     def is_admin(self, client_ip: str) -> bool: ...

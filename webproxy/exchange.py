@@ -74,7 +74,7 @@ class Answers:
             return self.error(rw, ex, r.status, r.message, close=True)
         if req.body is not None and isinstance(req.body.error, ClientGone):
             raise req.body.error
-        self.env.log_error(f"{e.status} for {req.method} {req.target[:200]}: {e.message}", "info")
+        self.env.upstream_failure(req.method, req.target, e.status, e.message)
         return self.error(rw, ex, e.status, e.message)
 
     async def relay(self, req: Request, rw: ResponseWriter, ex: Exchange, resp: OriginResponse,

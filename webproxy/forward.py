@@ -5,6 +5,7 @@ plain pass-through when the cache has nothing to do with the request.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -16,6 +17,7 @@ from webproxy.errors import UpstreamError
 from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.httpmsg import Headers, Target, get_header, has_via_loop, strip_hop_by_hop
+from webproxy.metrics import TALLY
 from webproxy.origin import HttpOriginResponse, Opener, OriginResponse
 from webproxy.upstream import Upstream
 
@@ -128,10 +130,12 @@ class HttpForwarder:
                    body: AsyncIterator[bytes] | None = None) -> HttpOriginResponse:
         upstream = self.upstream
         upstream.active += 1
+        sent = time.monotonic()
         try:
             resp = await upstream.request(method, target.fetch_url, headers, body, f"{target.host}:{target.port}")
         finally:
             upstream.active -= 1
+        TALLY.fetched(time.monotonic() - sent)
         return HttpOriginResponse(resp)
 
     def opener_for(self, target: Target) -> Opener:

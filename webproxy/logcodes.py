@@ -23,6 +23,7 @@ REFRESH_FAIL_ERR = "TCP_REFRESH_FAIL_ERR"
 ACTIVE_REFRESH_UNMODIFIED = "TCP_ACTIVE_REFRESH_UNMODIFIED"
 ACTIVE_REFRESH_MODIFIED = "TCP_ACTIVE_REFRESH_MODIFIED"
 ACTIVE_REFRESH_FAIL = "TCP_ACTIVE_REFRESH_FAIL"
+NONE_NONE = "NONE_NONE"  # answered by the proxy itself, no cache lookup (status page, metrics, PAC)
 DENIED = "TCP_DENIED"
 TUNNEL = "TCP_TUNNEL"
 ABORTED_SUFFIX = "_ABORTED"  # the client left (or the origin failed) before the answer was complete

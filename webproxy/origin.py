@@ -14,6 +14,7 @@ import aiohttp
 
 from webproxy.errors import OriginError
 from webproxy.httpmsg import Headers, strip_hop_by_hop
+from webproxy.metrics import TALLY
 
 
 class OriginResponse:
@@ -66,6 +67,7 @@ class HttpOriginResponse(OriginResponse):
             raise OriginError("origin closed before the end of the body")
 
     async def close(self, clean: bool) -> None:
+        TALLY.origin_bytes += self.resp.content.total_bytes
         if clean:
             self.resp.release()
         else:

@@ -1,6 +1,6 @@
 """Server lifecycle: listeners, admission (client networks, connection caps), logs, SIGHUP reload,
-graceful shutdown on SIGTERM/SIGINT. Composes the front end, the upstream client, the cache and
-the tunnel.
+graceful shutdown on SIGTERM/SIGINT (a second one hurries it), privilege drop and pid file.
+Composes the front end, the upstream client, the cache and the tunnel.
 """
 
 from __future__ import annotations
@@ -16,21 +16,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from webproxy import config as config_mod
-from webproxy import logcodes
+from webproxy import logcodes, logfiles, metrics, service
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
 from webproxy.caching import CacheLayer
 from webproxy.composition import attach_layers
 from webproxy.connect import ConnectHandler
+from webproxy.errorlog import ErrorLog, FailureSummary
 from webproxy.exchange import Answers, Exchange
 from webproxy.forward import HttpForwarder
 from webproxy.frontend import ClientConnection, ParseFailure, Request
 from webproxy.ftpgate import FtpGate
 from webproxy.httpmsg import Target, parse_absolute
 from webproxy.origin import Opener
+from webproxy.refresher import Refresher
 from webproxy.routing import Router
 from webproxy.selfpages import SelfPages
 from webproxy.startup import StartupError, bind_listeners, check_cache_dir
+from webproxy.statuspage import human_bytes
 from webproxy.transparent import TransparentHttp
 from webproxy.upstream import Upstream
 
@@ -41,11 +44,17 @@ class ProxyServer:
     It is the `ConnectionHost` of every client connection and the `Env` of every handler."""
 
     def __init__(self, cfg: config_mod.Config) -> None:
+        """Raises StartupError when a log file cannot be opened."""
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.counter = ConnectionCounter()
         self.connections: set[ClientConnection] = set()
-        self.accesslog = AccessLog(cfg.log["access_log"])
+        try:
+            self.errorlog = ErrorLog(cfg.log["error_log"], cfg.log["level"])
+            self.accesslog = AccessLog(cfg.log["access_log"])
+        except config_mod.ConfigError as e:
+            raise StartupError(str(e)) from None
+        self.failures = FailureSummary()
         self.upstream = Upstream(cfg.upstream)
         # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
         self.resolve = self.upstream.resolver.resolve
@@ -53,24 +62,34 @@ class ProxyServer:
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
         self.ftp = FtpGate(self, self.answers, self.resolve)
         self.cache_layer: CacheLayer | None = None
+        self.refresher: Refresher | None = None
+        self.pages = SelfPages(self, self.answers)
         self.router = Router(self, self.answers, self.forwarder,
                              ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp,
-                             TransparentHttp(self.answers, self.forwarder, self.resolve),
-                             SelfPages(self, self.answers, self.status_rows), self.access)
+                             TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
         self.started = time.time()
         self.requests = 0
         self._local: dict[str, bool] = {}
         self._stopping: asyncio.Future[None] = self.loop.create_future()
+        self._hurry = False  # a second SIGTERM/SIGINT: end the grace period now
         self._flush_timer: asyncio.TimerHandle | None = None
         self.closers: list[Callable[[], Awaitable[None]]] = []  # at shutdown (transparent, forwarders, refresher)
 
     # ---- the cache, when on ---------------------------------------------------------------------
-    def attach_cache(self, layer: CacheLayer) -> None:
+    def attach_cache(self, layer: CacheLayer, refresher: Refresher | None) -> None:
         self.cache_layer = layer
+        self.refresher = refresher
         self.forwarder.cache = layer
         self.ftp.cache = layer
+
+    # ---- PagesHost: what the status page and /metrics read ----------------------------------------
+    def cache_stats(self) -> dict[str, Any] | None:
+        return self.cache_layer.store.stats() if self.cache_layer is not None else None
+
+    def refreshes_active(self) -> int:
+        return len(self.refresher.running) if self.refresher is not None else 0
 
     def opener_for(self, url: str) -> tuple[Target, Opener]:
         """(target, opener) to fetch `url` with no client request behind it (background refresh)."""
@@ -108,11 +127,13 @@ class ProxyServer:
             self.accesslog.log(time.time(), conn.client_ip, logcodes.DENIED, 503, 0, "-", "-", ctype="text/plain")
             return (503, f"too many connections: {why}")
         self.connections.add(conn)
+        metrics.TALLY.connections += 1
         return None
 
     def release(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.counter.release(conn.client_ip)
+        metrics.TALLY.connections -= 1
 
     def denied(self, conn: ClientConnection) -> bool:
         return not client_allowed(conn.client_ip, self.cfg.access["allow_clients"])
@@ -120,6 +141,7 @@ class ProxyServer:
     def on_parse_failure(self, conn: ClientConnection, item: ParseFailure) -> None:
         self.accesslog.log(item.start, conn.client_ip, logcodes.NONE, item.status, 0, "NONE",
                            "error:invalid-request", ctype="text/plain")
+        metrics.TALLY.request("NONE", item.status, logcodes.NONE, 0, "-")
 
     # ---- Env: what handlers ask ---------------------------------------------------------------------
     def is_admin(self, client_ip: str) -> bool:
@@ -145,25 +167,21 @@ class ProxyServer:
         """access.deny_destinations, for clients that are not on this host."""
         return destination_denied(ip, self.cfg.access["deny_destinations"]) and not self.is_local_address(client_ip)
 
-    _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-
     def log_error(self, message: str, level: str = "error") -> None:
-        if self._LEVELS[level] < self._LEVELS[self.cfg.log["level"]]:
-            return
-        print(f"{time.strftime('%Y/%m/%d %H:%M:%S')} webproxy: {message}", file=sys.stderr, flush=True)
+        self.errorlog.write(message, level)
+
+    def upstream_failure(self, method: str, url: str, status: int, message: str) -> None:
+        """An origin could not be reached or answered badly: the first failure per host and minute
+        is logged whole, the rest as one summary line when the minute is over."""
+        line = f"{status} for {method} {url[:200]}: {message}"
+        for out in self.failures.record(metrics.host_of(url), time.time(), line):
+            self.log_error(out, "info")
 
     def access(self, conn: ClientConnection, req: Request, ex: Exchange, nbytes: int) -> None:
         self.requests += 1
         self.accesslog.log(req.start, conn.client_ip, ex.code, ex.status, nbytes, req.method, ex.url,
                            ex.hierarchy, ex.ctype)
-
-    def status_rows(self) -> list[tuple[str, str]]:
-        rows = [("uptime", f"{int(time.time() - self.started)} s"),
-                ("client connections open", str(self.counter.total)),
-                ("requests served", str(self.requests))]
-        if self.cache_layer is not None:
-            rows += self.cache_layer.status_rows()
-        return rows
+        metrics.TALLY.request(req.method, ex.status, ex.code, nbytes, ex.url)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self, sockets: list[socket.socket]) -> None:
@@ -180,11 +198,29 @@ class ProxyServer:
 
     def _schedule_flush(self) -> None:
         self.accesslog.flush()
+        now = time.time()
+        for line in self.failures.due(now):
+            self.log_error(line, "info")
+        try:
+            self.pages.tick(now)
+        except Exception as e:  # metrics must never stop the timer that flushes the logs
+            self.log_error(f"metrics: {e!r}")
         self._flush_timer = self.loop.call_later(1.0, self._schedule_flush)
 
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections if c.busy or c.pending)
+
     def request_stop(self) -> None:
-        if not self._stopping.done():
-            self._stopping.set_result(None)
+        """SIGTERM/SIGINT: the first starts a graceful stop, a second ends the grace period at once."""
+        if self._stopping.done():
+            if not self._hurry:
+                self._hurry = True
+                self.log_error("second stop signal: closing all connections now")
+            return
+        grace = self.cfg.server["grace_period"]
+        self.log_error(f"stopping: {self.in_flight()} request(s) in flight, waiting up to {grace:g} s for them "
+                       "(send SIGTERM or press Ctrl-C again to stop at once)")
+        self._stopping.set_result(None)
 
     async def serve_until_stopped(self) -> None:
         await self._stopping
@@ -197,7 +233,7 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.drain_and_close()
         deadline = time.monotonic() + self.cfg.server["grace_period"]
-        while any(not c.closed for c in self.connections) and time.monotonic() < deadline:
+        while any(not c.closed for c in self.connections) and time.monotonic() < deadline and not self._hurry:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
@@ -210,6 +246,7 @@ class ProxyServer:
             await self.cache_layer.close()
         await self.ftp.close()
         await self.upstream.close()
+        self.pages.close()
         self.accesslog.close()
 
     def reload(self) -> None:
@@ -219,6 +256,15 @@ class ProxyServer:
             return
         try:
             new = config_mod.load(self.cfg.path)
+            # Both logs are opened before anything changes: a path that cannot be opened keeps the
+            # running config whole, old log files included.
+            access_file = logfiles.open_log("access_log", new.log["access_log"])
+            try:
+                error_file = logfiles.open_log("error_log", new.log["error_log"])
+            except config_mod.ConfigError:
+                if access_file is not None and access_file is not sys.stderr:
+                    access_file.close()
+                raise
         except config_mod.ConfigError as e:
             self.log_error(f"reload failed, keeping the running config: {e}")
             return
@@ -231,7 +277,9 @@ class ProxyServer:
         new.cache = {**self.cfg.cache, **{k: v for k, v in new.cache.items() if f"cache.{k}" not in config_mod.RESTART_KEYS}}
         new.transparent = self.cfg.transparent
         new.tunnel = self.cfg.tunnel
-        self.accesslog.reopen(new.log["access_log"])  # always: after logrotate renamed the file too
+        # Always switch files, even to the same paths: after logrotate renamed them too.
+        self.accesslog.use(new.log["access_log"], access_file)
+        self.errorlog.use(new.log["error_log"], new.log["level"], error_file)
         self.cfg = new
         self.upstream.cfg = new.upstream
         self.reload_access()
@@ -242,28 +290,54 @@ class ProxyServer:
             self.log_error(f"reload: {', '.join(needs_restart)} changed; restart webproxy to apply")
 
 
-async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> None:
+def start_line(cfg: config_mod.Config, listen: list[tuple[str, int]]) -> str:
+    """What an admin wants to see once: where it listens, which config, which cache, the status page."""
+    addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listen)
+    source = f"config {os.path.abspath(cfg.path)}" if cfg.path else "embedded defaults (no -c FILE)"
+    if cfg.cache["enabled"]:
+        cache = f"cache {cfg.cache['directory']} ({human_bytes(cfg.cache['capacity'])})"
+    else:
+        cache = "cache off"
+    host, port = listen[0] if listen else ("127.0.0.1", 3128)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    page = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    return f"listening on {addrs} (pid {os.getpid()}); {source}; {cache}; status page {page}"
+
+
+async def run_server(cfg: config_mod.Config, sockets: list[socket.socket], metrics_dir: str | None = None,
+                     ident: service.Identity | None = None, worker: bool = False) -> None:
+    """One serving process. `worker`: forked by run() (the main process turns SIGINT into SIGTERM)."""
     server = ProxyServer(cfg)
     try:
         await server.start(sockets)
-        await attach_layers(server)
+        # The cache's files are created as the user the process drops to; privileged listeners
+        # (transparent, forwarders) are still opened as root.
+        await attach_layers(server, ident)
+        if ident is not None and os.geteuid() == 0:
+            service.preload_modules()
+        service.drop_privileges(ident)
+        server.pages.start(metrics_dir)
     except BaseException:
         for closer in server.closers:
             with contextlib.suppress(Exception):
                 await closer()
+        if server.cache_layer is not None:
+            await server.cache_layer.close()
         await server.upstream.close()
         raise
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, server.request_stop)
-    loop.add_signal_handler(signal.SIGINT, server.request_stop)
+    if not worker:  # workers ignore SIGINT: the main process forwards it as SIGTERM
+        loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.listen_addrs)
-    server.log_error(f"listening on {addrs} (pid {os.getpid()})")
+    server.log_error(start_line(cfg, server.listen_addrs))
     await server.serve_until_stopped()
     server.log_error("stopped")
 
 
-def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket]) -> int:
+def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket], metrics_dir: str | None,
+                   ident: service.Identity | None, worker: bool) -> int:
     try:
         import uvloop
 
@@ -271,38 +345,80 @@ def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket]) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(run_server(cfg, sockets))
+        runner(run_server(cfg, sockets, metrics_dir, ident, worker))
     except StartupError as e:
         print(f"webproxy: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def prepare(cfg: config_mod.Config) -> service.Identity | None:
+    """Everything that can be wrong before binding, each as one line (StartupError)."""
+    try:
+        logfiles.check(cfg)
+        ident = service.identity(cfg)
+    except config_mod.ConfigError as e:
+        raise StartupError(str(e)) from None
+    why = service.check_start(ident, os.geteuid())
+    if why:
+        raise StartupError(why)
+    if ident is not None and cfg.cache["enabled"] and os.geteuid() == 0:
+        why = service.prepare_cache_dir(ident, cfg.cache["directory"])
+        if why:
+            raise StartupError(why)
+    check_cache_dir(cfg)
+    return ident
+
+
 def run(cfg: config_mod.Config) -> int:
     workers = max(1, cfg.server["workers"])
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs the reload handler
+    pid_file = cfg.server["pid_file"]
     try:
-        check_cache_dir(cfg)
+        ident = prepare(cfg)
         # One socket per worker and address, all bound with SO_REUSEPORT: the kernel spreads
         # new connections across the workers instead of waking all of them.
         per_worker = [bind_listeners(cfg.server["listen"], workers > 1) for _ in range(workers)]
+        if pid_file:
+            try:
+                service.write_pid_file(pid_file, os.getpid())
+            except config_mod.ConfigError as e:
+                for socks in per_worker:
+                    for sock in socks:
+                        sock.close()
+                raise StartupError(str(e)) from None
     except StartupError as e:
         print(f"webproxy: {e}", file=sys.stderr)
         return 2
-    if workers == 1:
-        return _serve_process(cfg, per_worker[0])
+    if ident is None and os.geteuid() == 0:
+        warn = ErrorLog(cfg.log["error_log"], cfg.log["level"])
+        warn.write(service.ROOT_WARNING, "warning")
+        warn.close()
+    metrics_dir = metrics.prepare_directory((ident.uid, ident.gid) if ident and os.geteuid() == 0 else None)
+    try:
+        if workers == 1:
+            return _serve_process(cfg, per_worker[0], metrics_dir, ident, worker=False)
+        return _run_workers(cfg, per_worker, metrics_dir, ident)
+    finally:
+        metrics.remove_directory(metrics_dir)
+        if pid_file:
+            service.remove_pid_file(pid_file, os.getpid())
+
+
+def _run_workers(cfg: config_mod.Config, per_worker: list[list[socket.socket]], metrics_dir: str,
+                 ident: service.Identity | None) -> int:
     children = []
-    for i in range(workers):
+    for i in range(len(per_worker)):
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             for j, socks in enumerate(per_worker):
                 if j != i:
                     for sock in socks:
                         sock.close()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                code = _serve_process(cfg, per_worker[i])
+                code = _serve_process(cfg, per_worker[i], metrics_dir, ident, worker=True)
             finally:
                 os._exit(code)
         children.append(pid)
@@ -311,9 +427,11 @@ def run(cfg: config_mod.Config) -> int:
             sock.close()
 
     def forward(sig: int, _frame: Any) -> None:
+        # Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group): it is
+        # forwarded as SIGTERM, so one Ctrl-C is one stop and a second one hurries it.
         for child in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, sig)
+                os.kill(child, signal.SIGTERM if sig == signal.SIGINT else sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
