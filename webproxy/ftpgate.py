@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class FtpGate:
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
-        self.pool = FtpPool(server.cfg.ftp)
+        self.pool = FtpPool(server.cfg.ftp, resolve=server.resolver.address)
 
     def freshness(self, resp: OriginResponse, now: float) -> int:
         cfg = self.server.cfg

@@ -1,5 +1,5 @@
-"""One shape for a response from any origin (HTTP via aiohttp, FTP via aioftp), so relaying to the
-client and filling the cache are written once.
+"""One shape for a response from any origin (HTTP via webproxy.upstream, FTP via aioftp), so
+relaying to the client and filling the cache are written once.
 
 `headers` are end-to-end only (hop-by-hop and framing headers removed); `length` is the body
 length when the origin declared it; `chunks()` streams the body; `close(clean)` always follows:
@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from webproxy.httpmsg import Headers, strip_hop_by_hop
+from webproxy.upstream import BodyError, UpstreamResponse
 
 
 class OriginError(Exception):
@@ -43,37 +42,30 @@ class OriginResponse:
 
 
 class HttpOriginResponse(OriginResponse):
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    """An HTTP origin's final response, from our upstream client."""
+
+    def __init__(self, resp: UpstreamResponse) -> None:
         self.resp = resp
         self.status = resp.status
-        self.reason = resp.reason or ""
-        self.version = f"{resp.version.major}.{resp.version.minor}"
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
-        self.headers = [(k, v) for k, v in strip_hop_by_hop(raw) if k.lower() != "content-length"]
-        self.length = None
-        if "Transfer-Encoding" not in resp.headers:
-            cl = resp.headers.get("Content-Length")
-            if cl is not None and cl.strip().isdigit():
-                self.length = int(cl)
-        conn = resp.connection
-        if conn is not None and conn.transport is not None:
-            peer = conn.transport.get_extra_info("peername")
-            self.peer = peer[0] if peer else None
+        self.reason = resp.reason
+        self.version = resp.version
+        self.headers = [(k, v) for k, v in strip_hop_by_hop(resp.headers) if k.lower() != "content-length"]
+        self.length = resp.length
+        self.peer = resp.peer
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        read = self.resp.read
         try:
-            async for chunk in self.resp.content.iter_any():
+            while chunk := await read():
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise OriginError(str(e) or type(e).__name__) from None
-        if self.length is not None and self.resp.content.total_bytes < self.length:
-            raise OriginError("origin closed before the end of the body")
+        except BodyError as e:  # short, timed out or malformed: never a complete-looking body
+            raise OriginError(str(e)) from None
 
     async def close(self, clean: bool) -> None:
         if clean:
             self.resp.release()
         else:
-            self.resp.close()
+            self.resp.abort()
 
 
 class FtpOriginResponse(OriginResponse):

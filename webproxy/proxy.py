@@ -20,10 +20,12 @@ from webproxy.httpmsg import (
     get_header,
     has_via_loop,
     parse_absolute,
+    reason_phrase,
+    serialize_head,
     strip_hop_by_hop,
 )
 from webproxy.origin import HttpOriginResponse, OriginError, OriginResponse
-from webproxy.upstream import UpstreamError
+from webproxy.upstream import Informational, UpstreamError
 
 if TYPE_CHECKING:
     from webproxy.server import ProxyServer
@@ -160,7 +162,7 @@ class Proxy:
         cache = self.server.cache_layer
         if cache is not None and cacheable:
             async def opener(method: str, hdrs: Headers) -> OriginResponse:
-                return await self.fetch(req, ex, target, hdrs, method)
+                return await self.fetch(req, ex, target, hdrs, method, conn)
 
             # The forwarded headers are only built when something goes upstream: a hit never needs them.
             handled = await cache.handle(conn, req, rw, ex, target,
@@ -173,19 +175,22 @@ class Proxy:
         return await self.forward(req, rw, ex, target, headers)
 
     async def fetch(self, req: Request, ex: Exchange, target: Target, headers: Headers,
-                    method: str | None = None) -> HttpOriginResponse:
-        """Send the request upstream (streaming the client's body) and return the response head."""
+                    method: str | None = None, conn: ClientConnection | None = None) -> HttpOriginResponse:
+        """Send the request upstream (streaming the client's body) and return the response head.
+        Interim 1xx responses go on to `conn` as they arrive when the client speaks HTTP/1.1."""
         body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
-        oresp = await self.open(method or req.method, target, headers, body)
+        interim = _interim_writer(conn) if conn is not None and req.version == "1.1" else None
+        oresp = await self.open(method or req.method, target, headers, body, interim)
         ex.hierarchy = f"HIER_DIRECT/{oresp.peer or target.host}"
         return oresp
 
     async def open(self, method: str, target: Target, headers: Headers,
-                   body: AsyncIterator[bytes] | None = None) -> HttpOriginResponse:
+                   body: AsyncIterator[bytes] | None = None,
+                   informational: Informational | None = None) -> HttpOriginResponse:
         upstream = self.server.upstream
         upstream.active += 1
         try:
-            resp = await upstream.request(method, target.fetch_url, headers, body, f"{target.host}:{target.port}")
+            resp = await upstream.request(method, target, headers, body, informational)
         finally:
             upstream.active -= 1
         return HttpOriginResponse(resp)
@@ -201,7 +206,7 @@ class Proxy:
         """Plain pass-through: fetch and stream back, nothing stored."""
         ex.code = "TCP_MISS"
         try:
-            resp = await self.fetch(req, ex, target, headers)
+            resp = await self.fetch(req, ex, target, headers, conn=rw.conn)
         except UpstreamError as e:
             return self._upstream_error(req, rw, ex, e)
         return await self.relay_response(req, rw, ex, resp)
@@ -307,3 +312,15 @@ class Proxy:
         return (f"<!doctype html><html><head><title>webproxy</title></head><body><h1>webproxy</h1>"
                 f"<p>This is an HTTP proxy. Point your client at it; it does not serve pages itself.</p>"
                 f"<table>{cells}</table></body></html>\n")
+
+
+def _interim_writer(conn: ClientConnection) -> Informational:
+    """Pass 1xx interim responses on to an HTTP/1.1 client, in order, before the final one
+    (RFC 9110 15.2: a proxy forwards them; HTTP/1.0 clients get none, as they cannot parse them).
+    They are never stored: the cache only ever sees the final response."""
+
+    def interim(status: int, reason: str, headers: Headers) -> None:
+        if not conn.response_started and not conn.closed:
+            conn.write(serialize_head(status, reason or reason_phrase(status), strip_hop_by_hop(headers)))
+
+    return interim

@@ -18,6 +18,7 @@ from typing import Any
 from webproxy import config as config_mod
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed
+from webproxy.dns import Resolver
 from webproxy.frontend import ClientConnection, ParseFailure, Request, ResponseWriter
 from webproxy.httpmsg import Target
 from webproxy.proxy import Exchange, Proxy
@@ -35,9 +36,11 @@ class ProxyServer:
         self.counter = ConnectionCounter()
         self.connections: set[ClientConnection] = set()
         self.accesslog = AccessLog(cfg.log["access_log"])
-        self.upstream = Upstream(cfg.upstream)
-        # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
-        self.resolve = self.upstream.resolver.resolve
+        # One resolver (and one DNS cache) for HTTP, FTP, tunnels and transparent mode:
+        # resolve(host, port) -> [{"host": ip, ...}, ...]
+        self.resolver = Resolver(cfg.upstream["dns_ttl"])
+        self.resolve = self.resolver.resolve
+        self.upstream = Upstream(cfg.upstream, self.resolver, head_limit=cfg.server["max_header_size"])
         self.proxy = Proxy(self)
         self.handler = self.proxy.handle
         self.cache_layer: Any = None
