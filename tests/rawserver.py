@@ -11,23 +11,22 @@ close the connection without answering. The connection stays open for the next r
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from typing import Any
+
+from tests.support import LoopThread
 
 Script = bytes | list[bytes | float] | None
 
 
-class RawOrigin:
+class RawOrigin(LoopThread):
     def __init__(self, respond: Callable[[bytes, int], Script], close_after: bool = False) -> None:
         self.respond = respond
         self.close_after = close_after
         self.requests: list[bytes] = []
         self.connections = 0
         self.port = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._thread: threading.Thread | None = None
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -78,33 +77,18 @@ class RawOrigin:
         finally:
             writer.close()
 
-    def start(self) -> RawOrigin:
-        ready = threading.Event()
+    async def _setup(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
 
-        def run() -> None:
-            self.loop = asyncio.new_event_loop()
-            self._server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-            self.loop.run_forever()
-            self._server.close()
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self.loop.run_until_complete(asyncio.wait(pending))
-            self.loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+    async def _cleanup(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        pending = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     def __enter__(self) -> RawOrigin:
         return self.start()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.rawserver import RawOrigin, response
+from tests.support import unanswered_port
 from webproxy.dns import DNSError, Resolver
 from webproxy.httpmsg import Target
 from webproxy.upstream import BODY_HIGH, BodyError, Upstream, UpstreamError
@@ -305,29 +306,14 @@ async def test_idle_connections_expire_after_the_keepalive_timeout(raw_origin):
 # ---- timeouts --------------------------------------------------------------------------------
 
 async def test_connect_timeout_is_504():
-    # A listener with a full accept queue drops new SYNs: the connect gets no answer.
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    try:
-        for _ in range(2):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(full.getsockname())
-            fillers.append(f)
-        await asyncio.sleep(0.05)
+    with unanswered_port() as port:
         up = Upstream(config(connect_timeout=0.3))
         started = time.monotonic()
         with pytest.raises(UpstreamError) as e:
-            await fetch(up, full.getsockname()[1])
+            await fetch(up, port)
         assert e.value.status == 504 and "timed out connecting to 127.0.0.1" in e.value.message
         assert time.monotonic() - started < 3
         await up.close()
-    finally:
-        for f in fillers:
-            f.close()
-        full.close()
 
 
 async def test_read_timeout_before_the_head_is_504(raw_origin):
