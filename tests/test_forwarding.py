@@ -9,12 +9,11 @@ import os
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
 
 import pytest
 
-from tests.support import RawClient, curl, header, rss_kb
+from tests.support import PeakRss, RawClient, curl, header
 
 
 def test_curl_get_through_proxy(proxy, origin):
@@ -217,33 +216,6 @@ def test_curl_expect_100_continue_large_upload(proxy, origin, tmp_path):
     f.write_bytes(data)
     r = curl("-x", proxy.url, "-H", "Expect: 100-continue", "-T", str(f), origin.url("/upload"))
     assert json.loads(r.stdout)["length"] == len(data)
-
-
-class PeakRss:
-    """Samples a process's resident memory while the block runs; `growth_kb` is peak minus start."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.start = self.peak = rss_kb(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_kb(self.pid))
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth_kb(self) -> int:
-        return self.peak - self.start
 
 
 def test_large_download_streams_with_bounded_memory(proxy, origin):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.rawserver import RawOrigin, response
+from tests.rawserver import response
 from tests.support import unanswered_port
 from webproxy.dns import DNSError, Resolver
 from webproxy.httpmsg import Target
@@ -49,20 +49,6 @@ async def fetch(up: Upstream, port: int, path: str = "/", method: str = "GET", h
         body += chunk
     resp.release()
     return resp, bytes(body)
-
-
-@pytest.fixture
-def raw_origin():
-    made: list[RawOrigin] = []
-
-    def make(respond, **kw: Any) -> RawOrigin:
-        o = RawOrigin(respond, **kw).start()
-        made.append(o)
-        return o
-
-    yield make
-    for o in made:
-        o.stop()
 
 
 # ---- what goes out ---------------------------------------------------------------------------
