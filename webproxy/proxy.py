@@ -319,8 +319,12 @@ def _interim_writer(conn: ClientConnection) -> Informational:
     (RFC 9110 15.2: a proxy forwards them; HTTP/1.0 clients get none, as they cannot parse them).
     They are never stored: the cache only ever sees the final response."""
 
+    # Only while this request is the one being answered and its final head is not out: a
+    # background revalidation may still be fetching when the connection has moved on.
+    serving = conn.served
+
     def interim(status: int, reason: str, headers: Headers) -> None:
-        if not conn.response_started and not conn.closed:
+        if conn.served == serving and not conn.response_started and not conn.closed:
             conn.write(serialize_head(status, reason or reason_phrase(status), strip_hop_by_hop(headers)))
 
     return interim

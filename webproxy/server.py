@@ -218,6 +218,8 @@ class ProxyServer:
         self.accesslog.reopen(new.log["access_log"])  # always: after logrotate renamed the file too
         self.cfg = new
         self.upstream.cfg = new.upstream
+        self.upstream.head_limit = new.server["max_header_size"]
+        self.resolver.ttl = new.upstream["dns_ttl"]
         self.reload_access()
         applied = [k for k in changed if k not in needs_restart]
         self.log_error(f"reloaded {new.path}: {len(applied)} change(s) applied"

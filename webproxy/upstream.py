@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httptools
@@ -81,8 +81,10 @@ class UpstreamResponse:
         self.peer = conn.peer
         self._conn = conn
 
-    async def read(self) -> bytes:
-        return await self._conn.read()
+    def read(self) -> Awaitable[bytes]:
+        """The next body bytes (all that is buffered, in one piece), b"" at the end; BodyError
+        when the body is incomplete."""
+        return self._conn.read()
 
     def release(self) -> None:
         self._conn.release()
