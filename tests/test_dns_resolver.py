@@ -66,6 +66,13 @@ async def test_concurrent_lookups_of_one_name_share_one_query():
     assert all(a == answers[0] for a in answers)
 
 
+async def test_the_ftp_address_prefers_ipv4():
+    r = Resolver(60, lookup=Counting({"dual.test": [(socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")],
+                                      "v6.test": [(socket.AF_INET6, "::1")]}))
+    assert await r.address("dual.test", 21) == "127.0.0.1"
+    assert await r.address("v6.test", 21) == "::1"
+
+
 async def test_ip_literals_are_answered_without_a_lookup():
     hook = Counting({})
     r = Resolver(60, lookup=hook)

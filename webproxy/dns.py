@@ -139,8 +139,10 @@ class Resolver:
         return _entries(host, port, found)
 
     async def address(self, host: str, port: int = 0) -> str:
-        """The first address (FTP control connections)."""
-        return (await self.addresses(host, port))[0][1]
+        """One address for FTP control connections: IPv4 when the name has one, since PASV
+        (RFC 959) can only name IPv4 data addresses and FTP connects to a single address."""
+        found = await self.addresses(host, port)
+        return next((ip for family, ip in found if family == socket.AF_INET), found[0][1])
 
     def clear(self) -> None:
         """Forget every cached answer (a lookup in flight still completes)."""
