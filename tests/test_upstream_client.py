@@ -320,6 +320,20 @@ async def test_read_timeout_in_the_body_raises_body_error(raw_origin):
     await up.close()
 
 
+async def test_a_client_uploading_slowly_is_not_an_origin_read_timeout(raw_origin):
+    o = raw_origin(lambda req, n: response(200, b"got it"))
+    up = Upstream(config(read_timeout=0.25))
+
+    async def slow_body():  # each pause longer than the read timeout
+        for part in (b"a", b"b", b"c"):
+            await asyncio.sleep(0.4)
+            yield part
+
+    resp, body = await fetch(up, o.port, "/up", "POST", body=slow_body())
+    assert resp.status == 200 and body == b"got it"
+    await up.close()
+
+
 async def test_refused_and_unresolvable_origins_are_502():
     up = Upstream(config(), Resolver(60, lookup=lambda h, p: _no_such_name()))
     with pytest.raises(UpstreamError) as e:

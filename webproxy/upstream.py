@@ -409,8 +409,10 @@ class OriginConnection(asyncio.Protocol):
         if state != HEAD and state != BODY:
             return
         now = self.loop.time()
-        if self._paused:
-            self._last = now  # we stopped reading for a slow consumer: not the origin's fault
+        if self._paused or (not self._body_sent and not self._write_paused):
+            # We stopped reading for a slow consumer, or the origin waits for request body bytes
+            # the client has not sent yet: neither is the origin's delay.
+            self._last = now
         deadline = self._last + self.read_timeout
         if now < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
@@ -488,7 +490,8 @@ class Upstream:
                 keepalive = self.cfg["keepalive_timeout"]
                 while h.idle:
                     conn = h.idle.pop()
-                    if now - conn.idle_since < keepalive and conn.state == IDLE:
+                    if (now - conn.idle_since < keepalive and conn.state == IDLE
+                            and not conn.transport.is_closing()):  # type: ignore[union-attr]
                         conn.reused = True
                         return conn
                     conn.abort()  # expired (the sweeper had not come round yet)
