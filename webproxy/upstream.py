@@ -284,6 +284,11 @@ class OriginConnection(asyncio.Protocol):
 
     async def exchange(self, method: str, head: bytes, body: AsyncIterator[bytes] | None, chunked: bool,
                        informational: Informational | None) -> UpstreamResponse:
+        if self.state != IDLE:  # closed before we could use it (say, it spoke first)
+            self.abort()
+            if self.reused:
+                raise _Stale()
+            raise UpstreamError(502, f"{self.label} closed the connection without answering", "ERR_READ_ERROR")
         cfg = self.upstream.cfg
         self.method = method
         self.informational = informational
