@@ -73,6 +73,19 @@ async def test_the_ftp_address_prefers_ipv4():
     assert await r.address("v6.test", 21) == "::1"
 
 
+async def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(dns, "MAX_CACHED", 10)
+
+    async def any_name(host: str, port: int) -> list[tuple[int, str]]:
+        return [(socket.AF_INET, "127.0.0.1")]
+
+    r = Resolver(60, lookup=any_name)
+    for i in range(50):
+        await r.addresses(f"host{i}.test")
+    assert len(r._cache) <= 10
+    assert "host49.test" in r._cache  # the newest answers stay
+
+
 async def test_ip_literals_are_answered_without_a_lookup():
     hook = Counting({})
     r = Resolver(60, lookup=hook)

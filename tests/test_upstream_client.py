@@ -277,6 +277,27 @@ async def test_total_limit_evicts_an_idle_connection_of_another_host(raw_origin)
     await up.close()
 
 
+async def test_many_concurrent_requests_to_several_hosts_stay_within_the_total_limit(raw_origin):
+    origins = [raw_origin(lambda req, n: [0.01, response(200, b"ok")]) for _ in range(3)]
+    up = Upstream(config(pool_size=2))
+    peak = 0
+
+    async def one(i: int) -> bytes:
+        nonlocal peak
+        resp = await up.request("GET", target(origins[i % 3].port, f"/{i}"), [("Host", "x")])
+        peak = max(peak, up.stats()["live"])
+        body = b""
+        while chunk := await resp.read():
+            body += chunk
+        resp.release()
+        return body
+
+    bodies = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(30))), WAIT)
+    assert bodies == [b"ok"] * 30
+    assert peak <= 2 and up.stats()["live"] <= 2
+    await up.close()
+
+
 async def test_idle_connections_expire_after_the_keepalive_timeout(raw_origin):
     o = raw_origin(lambda req, n: response(200, b"ok"))
     up = Upstream(config(keepalive_timeout=0.2))

@@ -22,6 +22,7 @@ Address = dict[str, Any]
 Lookup = Callable[[str, int], Awaitable[list[tuple[int, str]]]]
 
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+MAX_CACHED = 4096  # names; a proxy asked for many distinct hosts must not grow without bound
 
 
 class DNSError(OSError):
@@ -105,7 +106,7 @@ class Resolver:
             flight.set_result(found)
             if self.ttl > 0:
                 self._cache[host] = (loop.time() + self.ttl, found)
-                if len(self._cache) > 4096:
+                if len(self._cache) > MAX_CACHED:
                     self._prune(loop.time())
             return found
         finally:
@@ -126,8 +127,12 @@ class Resolver:
         return list(dict.fromkeys(found))
 
     def _prune(self, now: float) -> None:
+        """Drop expired answers; past the cap even so, the oldest half (insertion order)."""
         for name in [n for n, (expires, _) in self._cache.items() if expires <= now]:
             del self._cache[name]
+        if len(self._cache) > MAX_CACHED:
+            for name in list(self._cache)[: len(self._cache) // 2]:
+                del self._cache[name]
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[Address]:
         """The addresses in aiohttp's resolver shape (tunnels, transparent mode)."""
