@@ -15,7 +15,8 @@ from tests.rawserver import response
 from tests.support import unanswered_port
 from webproxy.dns import DNSError, Resolver
 from webproxy.httpmsg import Target
-from webproxy.upstream import BODY_HIGH, BodyError, Upstream, UpstreamError
+from webproxy.originconn import BODY_HIGH
+from webproxy.upstream import BodyError, Upstream, UpstreamError
 
 WAIT = 20.0  # a ceiling so a broken client fails instead of hanging; never a speed check
 
