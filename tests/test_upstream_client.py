@@ -299,6 +299,23 @@ async def test_many_concurrent_requests_to_several_hosts_stay_within_the_total_l
     await up.close()
 
 
+async def test_tiny_chunks_are_bounded_by_count_too(raw_origin):
+    # 200,000 one-byte chunks: a buffer bounded by payload bytes alone would hold them all.
+    chunks = b"1\r\nx\r\n" * 200_000
+    o = raw_origin(lambda req, n: [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", chunks, b"0\r\n\r\n"])
+    up = Upstream(config())
+    resp = await up.request("GET", target(o.port), [("Host", "x")])
+    await asyncio.sleep(0.5)
+    # Paused after BODY_HIGH / PIECE_COST pieces plus what one read of the socket carried.
+    assert len(resp._conn._chunks) < 50_000
+    body = b""
+    while chunk := await asyncio.wait_for(resp.read(), WAIT):
+        body += chunk
+    assert body == b"x" * 200_000
+    resp.release()
+    await up.close()
+
+
 async def test_idle_connections_expire_after_the_keepalive_timeout(raw_origin):
     o = raw_origin(lambda req, n: response(200, b"ok"))
     up = Upstream(config(keepalive_timeout=0.2))

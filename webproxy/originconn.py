@@ -20,6 +20,7 @@ from webproxy.httpmsg import Headers
 from webproxy.originframing import CLOSE, NO_BODY, BadResponse, response_framing
 
 BODY_HIGH = 1 << 18  # response bytes buffered for a slow consumer before we stop reading the origin
+PIECE_COST = 64  # bytes counted per buffered piece on top of its length (the bytes object's overhead)
 MAX_HEAD = 1 << 16  # default cap on an origin's response header section (server.max_header_size)
 
 # Exchange states of one origin connection.
@@ -255,7 +256,8 @@ class OriginConnection(asyncio.Protocol):
         if self.state != BODY:
             return
         self._chunks.append(body)
-        self._buffered += len(body)
+        # Each piece also costs an object: counted, so tiny chunks cannot grow memory 40-fold.
+        self._buffered += len(body) + PIECE_COST
         if self._buffered > BODY_HIGH and not self._paused:
             self._paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
