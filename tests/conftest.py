@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests.rawserver import RawOrigin, Script
 from tests.support import Origin, ProxyProcess
 
 
@@ -23,6 +24,21 @@ def make_origin() -> Iterator[Callable[[], Origin]]:
 
     def make() -> Origin:
         o = Origin()
+        made.append(o)
+        return o
+
+    yield make
+    for o in made:
+        o.stop()
+
+
+@pytest.fixture
+def raw_origin() -> Iterator[Callable[..., RawOrigin]]:
+    """Started raw-socket origins: raw_origin(respond, close_after=False) (see tests/rawserver.py)."""
+    made: list[RawOrigin] = []
+
+    def make(respond: Callable[[bytes, int], Script], **kw: Any) -> RawOrigin:
+        o = RawOrigin(respond, **kw).start()
         made.append(o)
         return o
 

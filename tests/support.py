@@ -5,6 +5,7 @@ h11 (an independent, strict HTTP parser)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import select
@@ -15,14 +16,36 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import h11
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose listener has a full accept queue: it drops new SYNs, so a connect
+    gets no answer at all (neither accepted nor refused) until it times out."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(2):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(full.getsockname())
+            fillers.append(f)
+        time.sleep(0.05)
+        yield full.getsockname()[1]
+    finally:
+        for f in fillers:
+            f.close()
+        full.close()
 
 
 def free_port() -> int:
@@ -31,7 +54,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Origin:
+class LoopThread:
+    """A server on an event loop in its own daemon thread: `start()` runs `_setup()` there and
+    returns once it is done; `stop()` ends the loop after `_cleanup()`."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    async def _setup(self) -> None:
+        raise NotImplementedError
+
+    async def _cleanup(self) -> None:
+        pass
+
+    def start(self) -> Self:
+        ready = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self._setup())
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self._cleanup())
+            self.loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class Origin(LoopThread):
     """An aiohttp origin in a background thread. Tests add routes before `start()` or use the
     built-in ones; `hits[path]` counts requests, `connections` counts distinct TCP connections."""
 
@@ -46,9 +106,7 @@ class Origin:
         self.conditional: Counter[str] = Counter()
         self.full: Counter[str] = Counter()
         self.port = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
         self._builtin_routes()
 
     @property
@@ -157,32 +215,16 @@ class Origin:
         self.route("GET", "/slow", slow)
         self.route("GET", "/text/{name}", text)
 
-    def start(self) -> Origin:
-        ready = threading.Event()
+    async def _setup(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
-        def run() -> None:
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            self._runner = web.AppRunner(self.app, access_log=None)
-            self.loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self.loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            self.loop.run_forever()
-            self.loop.run_until_complete(self._runner.cleanup())
-            self.loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+    async def _cleanup(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
 
 
 def toml_value(v: Any) -> str:
@@ -413,7 +455,7 @@ class PeakRss:
         return self.peak - self.start
 
 
-class RawOrigin:
+class MethodEchoOrigin:
     """A socket origin that accepts any method (aiohttp's own parser knows only a fixed list) and
     answers each request with its request line."""
 

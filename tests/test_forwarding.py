@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.support import PeakRss, RawClient, RawOrigin, curl, header
+from tests.support import MethodEchoOrigin, PeakRss, RawClient, curl, header
 
 
 def test_curl_get_through_proxy(proxy, origin):
@@ -38,14 +38,14 @@ def test_every_method_is_forwarded(proxy, origin, method):
 
 @pytest.mark.parametrize("method", ["BREW", "X-CUSTOM-METHOD"])
 def test_unknown_extension_method_is_forwarded(proxy, method):
-    o = RawOrigin()
+    o = MethodEchoOrigin()
     r = curl("-x", proxy.url, "-X", method, f"http://127.0.0.1:{o.port}/pot?x=1")
     assert r.stdout == f"{method} /pot?x=1 HTTP/1.1".encode()
     o.sock.close()
 
 
 def test_pipelined_extension_method_after_a_get(proxy, origin):
-    o = RawOrigin()
+    o = MethodEchoOrigin()
     c = RawClient(proxy.port)
     c.send(f"GET http://127.0.0.1:{o.port}/one HTTP/1.1\r\nHost: x\r\n\r\n"
            f"BREW http://127.0.0.1:{o.port}/two HTTP/1.1\r\nHost: x\r\n\r\n"

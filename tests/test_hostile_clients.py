@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.support import PeakRss, RawClient, RawOrigin, header, read_all
+from tests.support import MethodEchoOrigin, PeakRss, RawClient, header, read_all
 
 
 def test_http10_transfer_encoding_is_refused_and_nothing_is_smuggled(proxy, origin):
@@ -73,7 +73,7 @@ def test_a_1mib_unterminated_line_is_answered(proxy):
 
 def test_a_flood_of_pipelined_extension_methods_is_answered_in_order(proxy):
     n = 1500
-    o = RawOrigin()
+    o = MethodEchoOrigin()
     c = RawClient(proxy.port, timeout=30)
     c.send("".join(f"BREW http://127.0.0.1:{o.port}/{i} HTTP/1.1\r\nHost: x\r\n\r\n" for i in range(n)).encode())
     for i in range(n):

@@ -14,6 +14,7 @@ import struct
 
 import pytest
 
+from tests.support import unanswered_port
 from tunnel.connect import (
     UpstreamDNSError,
     UpstreamRefused,
@@ -252,25 +253,10 @@ async def test_open_upstream_refused_is_distinguished():
 
 
 async def test_open_upstream_timeout_is_distinguished():
-    # A listener with a full accept queue drops new SYNs: the connect gets no answer.
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    try:
-        for _ in range(2):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(full.getsockname())
-            fillers.append(f)
-        await asyncio.sleep(0.05)
+    with unanswered_port() as port:
         with pytest.raises(UpstreamTimeout) as e:
-            await open_upstream("127.0.0.1", full.getsockname()[1], timeout=0.3)
+            await open_upstream("127.0.0.1", port, timeout=0.3)
         assert e.value.kind == "timeout"
-    finally:
-        for f in fillers:
-            f.close()
-        full.close()
 
 
 async def test_open_upstream_dns_failure_from_given_resolver_is_distinguished():

@@ -16,10 +16,18 @@ from webproxy.context import Env
 from webproxy.errors import UpstreamError
 from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
-from webproxy.httpmsg import Headers, Target, get_header, has_via_loop, strip_hop_by_hop
+from webproxy.httpmsg import (
+    Headers,
+    Target,
+    get_header,
+    has_via_loop,
+    reason_phrase,
+    serialize_head,
+    strip_hop_by_hop,
+)
 from webproxy.metrics import TALLY
 from webproxy.origin import HttpOriginResponse, Opener, OriginResponse
-from webproxy.upstream import Upstream
+from webproxy.upstream import Informational, Upstream
 
 ALLOW_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"
 # Never echoed by TRACE (RFC 9110 9.3.8: a TRACE answer must not leak credentials).
@@ -109,7 +117,7 @@ class HttpForwarder:
         cache = self.cache
         if cache is not None and cacheable:
             async def opener(method: str, hdrs: Headers) -> OriginResponse:
-                return await self.fetch(req, ex, target, hdrs, method)
+                return await self.fetch(req, ex, target, hdrs, method, conn)
 
             # The forwarded fields are only built when something goes upstream: a hit never needs them.
             handled = await cache.handle(conn, req, rw, ex, target,
@@ -119,20 +127,23 @@ class HttpForwarder:
         return await self.forward(req, rw, ex, target, self.request_headers(req, target, conn.client_ip))
 
     async def fetch(self, req: Request, ex: Exchange, target: Target, headers: Headers,
-                    method: str | None = None) -> HttpOriginResponse:
-        """Send the request upstream (streaming the client's body) and return the response head."""
+                    method: str | None = None, conn: ClientConnection | None = None) -> HttpOriginResponse:
+        """Send the request upstream (streaming the client's body) and return the response head.
+        Interim 1xx responses go on to `conn` as they arrive when the client speaks HTTP/1.1."""
         body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
-        oresp = await self.open(method or req.method, target, headers, body)
+        interim = interim_writer(conn) if conn is not None and req.version == "1.1" else None
+        oresp = await self.open(method or req.method, target, headers, body, interim)
         ex.hierarchy = logcodes.hier_direct(oresp.peer or target.host)
         return oresp
 
     async def open(self, method: str, target: Target, headers: Headers,
-                   body: AsyncIterator[bytes] | None = None) -> HttpOriginResponse:
+                   body: AsyncIterator[bytes] | None = None,
+                   informational: Informational | None = None) -> HttpOriginResponse:
         upstream = self.upstream
         upstream.active += 1
         sent = time.monotonic()
         try:
-            resp = await upstream.request(method, target.fetch_url, headers, body, f"{target.host}:{target.port}")
+            resp = await upstream.request(method, target, headers, body, informational)
         finally:
             upstream.active -= 1
         TALLY.fetched(time.monotonic() - sent)
@@ -153,7 +164,7 @@ class HttpForwarder:
         """Plain pass-through: fetch and stream back, nothing stored."""
         ex.code = logcodes.MISS
         try:
-            resp = await self.fetch(req, ex, target, headers)
+            resp = await self.fetch(req, ex, target, headers, conn=rw.conn)
         except UpstreamError as e:
             return self.answers.upstream_error(req, rw, ex, e)
         return await self.answers.relay(req, rw, ex, resp)
@@ -171,3 +182,19 @@ class HttpForwarder:
         rw.start(200, "OK", [("Content-Type", "message/http")], len(body))
         rw.write(body)
         return rw.end()
+
+
+def interim_writer(conn: ClientConnection) -> Informational:
+    """Pass 1xx interim responses on to an HTTP/1.1 client, in order, before the final one
+    (RFC 9110 15.2: a proxy forwards them; HTTP/1.0 clients get none, as they cannot parse them).
+    They are never stored: the cache only ever sees the final response."""
+
+    # Only while this request is the one being answered and its final head is not out: a
+    # background revalidation may still be fetching when the connection has moved on.
+    serving = conn.served
+
+    def interim(status: int, reason: str, headers: Headers) -> None:
+        if conn.served == serving and not conn.response_started and not conn.closed:
+            conn.write(serialize_head(status, reason or reason_phrase(status), strip_hop_by_hop(headers)))
+
+    return interim

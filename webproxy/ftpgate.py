@@ -12,9 +12,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from tunnel.connect import Resolver
 from webproxy import logcodes
 from webproxy.context import Env
+from webproxy.dns import Resolver
 from webproxy.errors import OriginError
 from webproxy.exchange import Answers, Exchange
 from webproxy.forward import CacheHandler, destination_refusal, refusal
@@ -53,11 +53,11 @@ class FtpOriginResponse(OriginResponse):
 
 
 class FtpGate:
-    def __init__(self, env: Env, answers: Answers, resolve: Resolver) -> None:
+    def __init__(self, env: Env, answers: Answers, resolver: Resolver) -> None:
         self.env = env
         self.answers = answers
-        self.resolve = resolve
-        self.pool = FtpPool(env.cfg.ftp)
+        self.resolve = resolver.resolve  # the destination check (access.deny_destinations)
+        self.pool = FtpPool(env.cfg.ftp, resolve=resolver.address)  # the shared DNS cache
         self.cache: CacheHandler | None = None  # set when the cache is on
 
     def freshness(self, resp: FtpOriginResponse, now: float) -> int:

@@ -22,6 +22,7 @@ from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, 
 from webproxy.caching import CacheLayer
 from webproxy.composition import attach_layers
 from webproxy.connect import ConnectHandler
+from webproxy.dns import Resolver
 from webproxy.errorlog import ErrorLog, FailureSummary
 from webproxy.exchange import Answers, Exchange
 from webproxy.forward import HttpForwarder
@@ -55,12 +56,14 @@ class ProxyServer:
         except config_mod.ConfigError as e:
             raise StartupError(str(e)) from None
         self.failures = FailureSummary()
-        self.upstream = Upstream(cfg.upstream)
-        # One resolver for HTTP, FTP and tunnels: resolve(host, port) -> [{"host": ip, ...}, ...]
-        self.resolve = self.upstream.resolver.resolve
+        # One resolver (and one DNS cache) for HTTP, FTP, tunnels and transparent mode:
+        # resolve(host, port) -> [{"host": ip, ...}, ...]
+        self.resolver = Resolver(cfg.upstream["dns_ttl"])
+        self.resolve = self.resolver.resolve
+        self.upstream = Upstream(cfg.upstream, self.resolver, head_limit=cfg.server["max_header_size"])
         self.answers = Answers(self)
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
-        self.ftp = FtpGate(self, self.answers, self.resolve)
+        self.ftp = FtpGate(self, self.answers, self.resolver)
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
@@ -282,6 +285,8 @@ class ProxyServer:
         self.errorlog.use(new.log["error_log"], new.log["level"], error_file)
         self.cfg = new
         self.upstream.cfg = new.upstream
+        self.upstream.head_limit = new.server["max_header_size"]
+        self.resolver.ttl = new.upstream["dns_ttl"]
         self.reload_access()
         applied = [k for k in changed if k not in needs_restart]
         self.log_error(f"reloaded {new.path}: {len(applied)} change(s) applied"

@@ -1,118 +1,257 @@
-"""Fetching from origin servers over HTTP: one shared aiohttp ClientSession with a pooled
-TCPConnector (keep-alive to origins), aiodns for name lookups, and nothing added or changed on the
-way: no automatic headers, no decompression, no cookies, the request target byte-for-byte.
+"""Fetching from origin servers over HTTP/1.1: our own client, built for a proxy.
 
-Failures come back as `UpstreamError` with the status the client should see (502/504) and a
-sentence naming the host and the cause.
+`Upstream.request()` sends one request and returns the final response head; connections
+(`webproxy.originconn`) are kept alive in a pool per (host, port) with the `[upstream]` limits
+and idle expiry, and names are resolved by the process's shared resolver (`webproxy.dns`).
+
+Nothing is added or changed on the way: the request target byte-for-byte, only the header fields
+the caller passes (plus `Transfer-Encoding: chunked` when a body of unknown length must be framed),
+no decompression, no cookies. Responses are checked strictly (`webproxy.originframing`): an
+ambiguous or malformed head is a 502, never a guess.
+
+Failures before the response head come back as `UpstreamError` with the status the client should
+see (502/504) and a sentence naming the host; failures after it as `OriginError` from `read()`.
 """
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
+from webproxy.dns import DNSError, Resolver
 from webproxy.errors import UpstreamError
-from webproxy.httpmsg import Headers
+from webproxy.httpmsg import Headers, Target
+from webproxy.originconn import (
+    IDLE,
+    MAX_HEAD,
+    Informational,
+    OriginConnection,
+    StaleConnection,
+    UpstreamResponse,
+    serialize_request,
+)
 
-# aiohttp would otherwise add these on its own; a proxy passes on what the client sent.
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+__all__ = ["Informational", "Upstream", "UpstreamResponse"]
+
+# RFC 9110 9.2.2: a request that may be sent twice without a different effect.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-def _make_resolver() -> aiohttp.abc.AbstractResolver:
-    try:
-        return aiohttp.AsyncResolver()
-    except Exception:  # aiodns missing or unusable here: fall back to the thread-pool resolver
-        return aiohttp.ThreadedResolver()
+class _Host:
+    """The pool's record of one (host, port): idle connections (most recent last), live count."""
+
+    __slots__ = ("idle", "live")
+
+    def __init__(self) -> None:
+        self.idle: list[OriginConnection] = []
+        self.live = 0
 
 
 class Upstream:
     """The origin-side HTTP client, shared by every client connection of one proxy process."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], resolver: Resolver | None = None, head_limit: int = MAX_HEAD) -> None:
         self.cfg = cfg
-        self.resolver = _make_resolver()
-        connector = aiohttp.TCPConnector(
-            limit=cfg["pool_size"],
-            limit_per_host=cfg["pool_size_per_host"],
-            ttl_dns_cache=int(cfg["dns_ttl"]) or None,
-            use_dns_cache=cfg["dns_ttl"] > 0,
-            resolver=self.resolver,
-            keepalive_timeout=cfg["keepalive_timeout"],
-            family=socket.AF_UNSPEC,
-            ssl=False,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO,
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None),
-            read_bufsize=1 << 16,
-            max_line_size=65536,
-            max_field_size=65536,
-        )
+        self.resolver = resolver if resolver is not None else Resolver(cfg["dns_ttl"])
+        self.head_limit = head_limit
+        self.loop = asyncio.get_running_loop()
         self.active = 0  # fetches in flight, read by the refresher's load check
-        self._timeouts: tuple[tuple[float, float] | None, aiohttp.ClientTimeout | None] = (None, None)
+        self.opened = 0  # connections opened, for stats and tests
+        self._hosts: dict[tuple[str, int], _Host] = {}
+        self._live = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
-    def timeouts(self) -> aiohttp.ClientTimeout:
-        """Built once per config (SIGHUP may change it), not once per request."""
-        key = (self.cfg["connect_timeout"], self.cfg["read_timeout"])
-        if self._timeouts[0] != key:
-            self._timeouts = (key, aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1]))
-        return self._timeouts[1]
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        headers: Headers,
-        body: AsyncIterator[bytes] | bytes | None,
-        host_label: str,
-    ) -> aiohttp.ClientResponse:
-        """Send the request and return once the response head is in; the caller reads the body
-        and must `release()` (clean end) or `close()` (abandoned) the response."""
+    async def request(self, method: str, target: Target, headers: Headers,
+                      body: AsyncIterator[bytes] | None = None,
+                      informational: Informational | None = None) -> UpstreamResponse:
+        """Send the request to `target` (its `connect` address when set, else host and port) and
+        return once the final response head is in. `headers` go out exactly as given; `body`
+        is streamed (chunked unless the headers carry Content-Length). Interim 1xx responses go
+        to `informational` as they arrive. Raises UpstreamError."""
+        key = _dial(target)
+        label = f"{target.host}:{target.port}"
+        chunked = body is not None and not any(k.lower() == "content-length" for k, _ in headers)
+        head = serialize_request(method, target.path, headers, chunked)
+        conn = await self._acquire(key, label, fresh=False)
         try:
-            return await self.session.request(
-                method,
-                URL(url, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                timeout=self.timeouts(),
-                ssl=False,
-            )
-        except aiohttp.ClientConnectorDNSError as e:
-            raise UpstreamError(502, f"cannot resolve {host_label}: DNS lookup failed ({_why(e)})", "ERR_DNS_FAIL") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamError(504, f"timed out connecting to {host_label}", "ERR_CONNECT_FAIL") from None
-        except aiohttp.SocketTimeoutError:
-            raise UpstreamError(504, f"timed out waiting for {host_label} to answer", "ERR_READ_TIMEOUT") from None
-        except aiohttp.ClientConnectorError as e:
-            raise UpstreamError(502, f"cannot connect to {host_label}: {_why(e)}", "ERR_CONNECT_FAIL") from None
-        except aiohttp.ServerDisconnectedError:
-            raise UpstreamError(502, f"{host_label} closed the connection without answering", "ERR_READ_ERROR") from None
-        except aiohttp.ClientResponseError as e:
-            raise UpstreamError(502, f"{host_label} sent an invalid response: {e.message}", "ERR_INVALID_RESP") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamError(502, f"error talking to {host_label}: {_why(e)}", "ERR_READ_ERROR") from None
+            return await conn.exchange(method, head, body, chunked, informational)
+        except StaleConnection:
+            # RFC 9112 9.3.1: a request on a connection the origin had already closed may be
+            # retried once, on a new connection, when repeating it is harmless (idempotent and
+            # without a body we have already consumed).
+            if method not in IDEMPOTENT or body is not None:
+                raise UpstreamError(502, f"{label} closed the connection without answering",
+                                    "ERR_READ_ERROR") from None
+        conn = await self._acquire(key, label, fresh=True)
+        try:
+            return await conn.exchange(method, head, body, chunked, informational)
+        except StaleConnection:  # (cannot happen on a fresh connection; kept for the type)
+            raise UpstreamError(502, f"{label} closed the connection without answering", "ERR_READ_ERROR") from None
+
+    # ---- the pool -----------------------------------------------------------------------------
+    async def _acquire(self, key: tuple[str, int], label: str, fresh: bool) -> OriginConnection:
+        loop = self.loop
+        while True:
+            if self._closed:
+                raise UpstreamError(502, "the proxy is shutting down", "ERR_CONNECT_FAIL")
+            h = self._hosts.get(key)
+            if h is None:
+                h = self._hosts[key] = _Host()
+            if h.idle and not fresh:
+                now = loop.time()
+                keepalive = self.cfg["keepalive_timeout"]
+                while h.idle:
+                    conn = h.idle.pop()
+                    if (now - conn.idle_since < keepalive and conn.state == IDLE
+                            and not conn.transport.is_closing()):  # type: ignore[union-attr]
+                        conn.reused = True
+                        return conn
+                    conn.abort()  # expired (the sweeper had not come round yet)
+                continue  # aborting may have dropped this host's record: look it up again
+            limit = self.cfg["pool_size"]
+            per_host = self.cfg["pool_size_per_host"]
+            if (not limit or self._live < limit) and (not per_host or h.live < per_host):
+                self._live += 1
+                h.live += 1
+                try:
+                    conn = await self._open(key, label)
+                except BaseException:
+                    self._live -= 1
+                    h.live -= 1
+                    self._drop_host_if_unused(key, h)
+                    self._wake_waiters()
+                    raise
+                return conn
+            if self._evict_idle(h if per_host and h.live >= per_host else None):
+                continue
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+
+    async def _open(self, key: tuple[str, int], label: str) -> OriginConnection:
+        host, port = key
+        loop = self.loop
+        timeout = self.cfg["connect_timeout"] or None
+        last: OSError | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                for _family, ip in await self.resolver.addresses(host, port):
+                    conn = OriginConnection(self, key, label)
+                    try:
+                        await loop.create_connection(lambda c=conn: c, ip, port)  # type: ignore[misc]
+                    except OSError as e:
+                        last = e
+                        continue
+                    self.opened += 1
+                    return conn
         except TimeoutError:
-            raise UpstreamError(504, f"timed out talking to {host_label}", "ERR_READ_TIMEOUT") from None
+            raise UpstreamError(504, f"timed out connecting to {label}", "ERR_CONNECT_FAIL") from None
+        except DNSError as e:
+            raise UpstreamError(502, f"cannot resolve {label}: DNS lookup failed ({e.strerror or e})",
+                                "ERR_DNS_FAIL") from None
+        raise UpstreamError(502, f"cannot connect to {label}: {_why(last)}", "ERR_CONNECT_FAIL")
+
+    def give_back(self, conn: OriginConnection) -> None:
+        keepalive = self.cfg["keepalive_timeout"]
+        h = self._hosts.get(conn.key)
+        if self._closed or keepalive <= 0 or h is None:
+            conn.abort()
+            return
+        conn.idle_since = self.loop.time()
+        h.idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(keepalive, self._sweep)
+        self._wake_waiters()
+
+    def forget(self, conn: OriginConnection) -> None:
+        """Give back the slot of a connection that is gone (exactly once per connection)."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self._live -= 1
+        h = self._hosts.get(conn.key)
+        if h is not None:
+            h.live -= 1
+            if conn in h.idle:
+                h.idle.remove(conn)
+            self._drop_host_if_unused(conn.key, h)
+        self._wake_waiters()
+
+    def _drop_host_if_unused(self, key: tuple[str, int], h: _Host) -> None:
+        if h.live <= 0 and self._hosts.get(key) is h:
+            del self._hosts[key]
+
+    def _evict_idle(self, only: _Host | None) -> bool:
+        """Close the longest-idle connection (of `only`, else of any host) to make room."""
+        candidates = [only] if only is not None else list(self._hosts.values())
+        oldest: OriginConnection | None = None
+        for h in candidates:
+            if h.idle and (oldest is None or h.idle[0].idle_since < oldest.idle_since):
+                oldest = h.idle[0]
+        if oldest is None:
+            return False
+        oldest.abort()
+        return True
+
+    def _wake_waiters(self) -> None:
+        # Everyone waiting looks again: a freed slot may fit some waiters and not others.
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        keepalive = self.cfg["keepalive_timeout"]
+        now = self.loop.time()
+        earliest = None
+        for h in list(self._hosts.values()):
+            for conn in list(h.idle):
+                if keepalive <= 0 or now - conn.idle_since >= keepalive:
+                    conn.abort()
+                elif earliest is None or conn.idle_since < earliest:
+                    earliest = conn.idle_since
+        if earliest is not None:
+            self._sweeper = self.loop.call_at(earliest + keepalive, self._sweep)
+
+    def stats(self) -> dict[str, int]:
+        return {"live": self._live, "idle": sum(len(h.idle) for h in self._hosts.values()),
+                "opened": self.opened}
 
     async def close(self) -> None:
-        await self.session.close()
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for h in list(self._hosts.values()):
+            for conn in list(h.idle):
+                conn.abort()
+        self._wake_waiters()
 
 
-def _why(e: BaseException) -> str:
-    os_error = getattr(e, "os_error", None)
-    if isinstance(os_error, ConnectionRefusedError):
+def _dial(target: Target) -> tuple[str, int]:
+    """(host, port) to connect to: the intercepted destination in transparent mode."""
+    if target.connect is None:
+        return target.host, target.port
+    host, _, port = target.connect.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _why(e: BaseException | None) -> str:
+    if e is None:
+        return "no address to connect to"
+    if isinstance(e, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
     text = str(e)
     return text if text else type(e).__name__
