@@ -17,6 +17,8 @@ from typing import Any
 
 import aioftp
 
+from webproxy.ftpreply import BadReply, ReplyReader, epsv_port, pasv_port
+
 # Commands and replies are UTF-8 (RFC 2640), but old servers speak Latin-1 or worse. aioftp
 # encodes and decodes with `encoding` in strict mode; this codec is UTF-8 with surrogateescape, so
 # any byte sequence survives name -> str -> command unchanged (URLs are decoded the same way).
@@ -37,6 +39,29 @@ codecs.register(_codec_search)
 
 DATA_LIMIT = 256 * 1024  # stream buffer of a data connection: it pauses reading at twice this
 Key = tuple[str, int, str, str]
+
+
+class _BoundedClient(aioftp.Client):
+    """aioftp's client with every reply judged by ftpreply.ReplyReader: bounded in size, and read
+    whole within `reply_timeout` (aioftp bounds each line only, so a server sending one
+    continuation line a second could hold a request for ever)."""
+
+    reply_timeout: float | None = None
+
+    async def parse_response(self) -> tuple[aioftp.Code, list[str]]:
+        reader = ReplyReader()
+        async with asyncio.timeout(self.reply_timeout):
+            while True:
+                try:
+                    raw = await self.stream.readline()
+                except ValueError:  # asyncio's line limit (64 KiB) overrun
+                    raise BadReply("a reply line longer than 64 KiB") from None
+                if not raw:
+                    self.stream.close()
+                    raise ConnectionResetError("the FTP server closed the control connection")
+                done = reader.feed(raw.decode(self.encoding))
+                if done is not None:
+                    return aioftp.Code(done[0]), done[1]
 
 
 class PoolClosed(Exception):
@@ -102,10 +127,10 @@ class FtpSession:
             try:
                 if name == "epsv":
                     _, lines = await self.command("EPSV", "229")
-                    _, port = self.client.parse_epsv_response(lines[-1])
+                    port = epsv_port(lines[-1])
                 else:
                     _, lines = await self.command("PASV", "227")
-                    _, port = self.client.parse_pasv_response(lines[-1])
+                    port = pasv_port(lines[-1])
                 break
             except aioftp.StatusCodeError as e:
                 if name == "epsv" and e.received_codes[-1].matches("50x") and "pasv" in self.passive:
@@ -186,7 +211,7 @@ class FtpPool:
 
     async def acquire(self, host: str, port: int, user: str, password: str) -> FtpSession:
         """A logged-in session, reused when one is idle. Raises what connecting or logging in
-        raised: OSError, TimeoutError, aioftp.StatusCodeError (login refused), PoolClosed."""
+        raised: OSError, TimeoutError, aioftp.StatusCodeError (login refused), BadReply, PoolClosed."""
         key = (host, port, user, password)
         while True:
             if self._closed:
@@ -236,9 +261,10 @@ class FtpPool:
 
     async def _login(self, key: Key) -> FtpSession:
         host, port, user, password = key
-        client = aioftp.Client(
+        client = _BoundedClient(
             socket_timeout=self.timeout, connection_timeout=self.timeout, encoding=CODEC
         )
+        client.reply_timeout = self.timeout
         session = FtpSession(client, key, self.timeout)
         try:
             address = await self._resolve(host, port) if self._resolve else host
