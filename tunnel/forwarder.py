@@ -36,6 +36,7 @@ class ForwarderSettings:
     allow_clients: list[Network] = field(default_factory=lambda: list(LOOPBACK))
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0  # 0 = none
+    half_close_timeout: float = 60.0  # 0 = none; a bridge with one side finished, idle this long, ends
     engine: str | None = None  # relay engine; None = tunnel.relay.DEFAULT_ENGINE
     buffer_size: int = DEFAULT_BUFFER  # per direction
 
@@ -211,6 +212,7 @@ class Forwarder:
             upstream_name = fmt_addr(self.s.upstreams[i])
             try:
                 result = await relay(sock, upstream, idle_timeout=self.s.idle_timeout or None,
+                                     half_close_timeout=self.s.half_close_timeout or None,
                                      engine=self.s.engine, buffer_size=self.s.buffer_size)
             finally:
                 self.per_upstream[i] -= 1
