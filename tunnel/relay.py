@@ -266,7 +266,8 @@ def reset_side(ended: str) -> str | None:
     return None
 
 
-def _reset_quietly(sock: socket.socket) -> None:
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the next close() send RST instead of FIN (SO_LINGER with a zero timeout)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
@@ -354,7 +355,7 @@ async def relay(client: socket.socket, upstream: socket.socket, *, client_initia
             d.stop()
         side = reset_side(ended)
         if side is not None:
-            _reset_quietly(client if side == "client" else upstream)
+            reset_on_close(client if side == "client" else upstream)
         _close_quietly(client)
         _close_quietly(upstream)
 

@@ -16,7 +16,6 @@ import inspect
 import ipaddress
 import logging
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -25,7 +24,7 @@ from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, UpstreamRefused, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
 from tunnel.origdst import original_dst, transparent_listener
-from tunnel.relay import relay
+from tunnel.relay import relay, reset_on_close
 
 logger = logging.getLogger("tunnel")
 
@@ -132,10 +131,7 @@ def is_own_listener(dst: tuple[str, int], own: Sequence[tuple[str, int]]) -> boo
 
 def _reset(sock: socket.socket) -> None:
     """Close with RST, which is what the client would have seen from a refusing destination."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
+    reset_on_close(sock)
     sock.close()
 
 
