@@ -243,6 +243,8 @@ async def run_server(cfg: config_mod.Config, sockets: list[socket.socket]) -> No
     loop.add_signal_handler(signal.SIGTERM, server.request_stop)
     loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    if _early_stop:  # SIGTERM/SIGINT arrived after the ports opened but before these handlers
+        server.request_stop()
     addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.listen_addrs)
     server.log_error(f"listening on {addrs} (pid {os.getpid()})")
     await server.serve_until_stopped()
@@ -264,9 +266,20 @@ def _serve_process(cfg: config_mod.Config, sockets: list[socket.socket]) -> int:
     return 0
 
 
+_early_stop: list[int] = []  # stop signals received before the event loop's handlers exist
+
+
+def _remember_stop(sig: int, _frame: Any) -> None:
+    _early_stop.append(sig)
+
+
 def run(cfg: config_mod.Config) -> int:
     workers = max(1, cfg.server["workers"])
+    # Handlers before binding: a SIGTERM landing once the ports are open (a client may already be
+    # connected) must stop the proxy gracefully, exit 0, not kill it with the default action.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs the reload handler
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _remember_stop)
     try:
         check_cache_dir(cfg)
         # One socket per worker and address, all bound with SO_REUSEPORT: the kernel spreads
@@ -303,6 +316,8 @@ def run(cfg: config_mod.Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for sig in _early_stop:  # arrived while the workers were being started
+        forward(sig, None)
     code = 0
     for child in children:
         while True:
