@@ -20,8 +20,8 @@ from tunnel.connect import (
     UpstreamTimeout,
     open_upstream,
 )
-from tunnel.forwarder import ForwarderSettings, admit, upstream_order
-from tunnel.relay import ENGINES, HAVE_SPLICE, relay
+from tunnel.forwarder import ForwarderSettings, admit, reload_plan, upstream_order
+from tunnel.relay import ENGINES, HAVE_SPLICE, relay, reset_side
 from tunnel.transparent import is_own_listener, looks_like_http, read_as_http
 
 WAIT = 20.0  # generous ceiling so a broken relay fails instead of hanging; never a speed check
@@ -411,3 +411,22 @@ def test_socket_detached_from_transport_relays_pipelined_bytes(loop_kind):
     else:
         with asyncio.Runner() as r:
             r.run(main())
+
+
+@pytest.mark.parametrize("ended,side", [
+    ("upstream-error: ECONNRESET", "client"),
+    ("client-error: EPIPE", "upstream"),
+    ("closed", None),
+    ("idle-timeout", None),
+    ("half-close-timeout", None),
+])
+def test_a_failure_on_one_side_is_passed_on_as_a_reset_to_the_other(ended, side):
+    assert reset_side(ended) == side
+
+
+def test_forwarder_reload_applies_live_settings_and_names_the_rest():
+    old = ForwarderSettings(listen=("127.0.0.1", 1), upstreams=[("127.0.0.1", 2)])
+    new = ForwarderSettings(listen=("127.0.0.1", 1), upstreams=[("127.0.0.1", 3)], max_connections=5,
+                            idle_timeout=7.0)
+    live, restart = reload_plan(old, new)
+    assert live == {"max_connections": 5, "idle_timeout": 7.0} and restart == ["upstreams"]
