@@ -279,3 +279,10 @@ def test_large_listing_streams_in_bounded_memory_while_others_are_served(gw, mak
     assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
     assert body.endswith(b"</html>\n\r\n0\r\n\r\n")  # complete: the terminating chunk is there
     assert body.count(b"<tr><td>") == entries + 1  # and every entry (plus the parent link)
+
+
+def test_login_directory_with_control_characters_is_502(gw, make_ftp):
+    server = make_ftp(PWD=lambda ctl, arg: ctl.send('257 "/a\rDELE x"\r\n'))
+    status, body, _ = get(gw, f"{server.url}/f.txt")
+    assert status == 502 and b"bad reply from the FTP server" in body, body
+    assert not any(c.startswith("DELE") for c in server.commands)

@@ -226,6 +226,9 @@ async def _with_session(pool: FtpPool, target: FtpTarget, creds: Credentials,
         except BadReply as e:
             pool.release(session, reusable=False)
             return _bad_reply(where, e)
+        except aioftp.errors.InvalidCommand:  # a command built from a server's answer ended up with CR/LF
+            pool.release(session, reusable=False)
+            return _bad_reply(where, BadReply("a reply that would put control characters in a command"))
         except (OSError, asyncio.IncompleteReadError, aioftp.StatusCodeError) as e:
             lost = not isinstance(e, aioftp.StatusCodeError) or e.received_codes[-1] == "421"
             if not lost:  # a complete reply we did not expect: the session is still in step

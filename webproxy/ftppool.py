@@ -273,6 +273,8 @@ class FtpPool:
             self.logins += 1
             with contextlib.suppress(aioftp.StatusCodeError):
                 session.home = str(await client.get_current_directory()) or "/"
+            if any(c in session.home for c in "\r\n\0"):  # it prefixes every path we send
+                raise BadReply("a PWD reply naming a directory with control characters")
         except BaseException:
             client.close()
             raise
