@@ -50,18 +50,25 @@ class _BoundedClient(aioftp.Client):
 
     async def parse_response(self) -> tuple[aioftp.Code, list[str]]:
         reader = ReplyReader()
-        async with asyncio.timeout(self.reply_timeout):
-            while True:
-                try:
-                    raw = await self.stream.readline()
-                except ValueError:  # asyncio's line limit (64 KiB) overrun
-                    raise BadReply("a reply line longer than 64 KiB") from None
-                if not raw:
-                    self.stream.close()
-                    raise ConnectionResetError("the FTP server closed the control connection")
-                done = reader.feed(raw.decode(self.encoding))
-                if done is not None:
-                    return aioftp.Code(done[0]), done[1]
+        loop = asyncio.get_running_loop()
+        deadline = None if self.reply_timeout is None else loop.time() + self.reply_timeout
+        while True:
+            # The deadline is checked here as well as enforced below: it must hold even if a
+            # cancellation racing a line's arrival were absorbed on the way.
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise TimeoutError("the FTP server's reply did not end in time")
+            try:
+                async with asyncio.timeout(left):
+                    raw = await self.stream.reader.readline()  # not aioftp's per-line wait_for
+            except ValueError:  # asyncio's line limit (64 KiB) overrun
+                raise BadReply("a reply line longer than 64 KiB") from None
+            if not raw:
+                self.stream.close()
+                raise ConnectionResetError("the FTP server closed the control connection")
+            done = reader.feed(raw.decode(self.encoding))
+            if done is not None:
+                return aioftp.Code(done[0]), done[1]
 
 
 class PoolClosed(Exception):
