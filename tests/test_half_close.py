@@ -76,3 +76,9 @@ def test_fin_inside_a_request_head_closes_without_an_answer(make_proxy, origin):
         s.shutdown(socket.SHUT_WR)
         assert read_all(s, 10) == b""
     assert origin.hits["/text/cut"] == 0
+
+
+def test_malformed_request_then_fin_gets_its_400(make_proxy):
+    p = make_proxy({"cache": {"enabled": False}})
+    got = half_closed_exchange(p.port, b"GET http://x.test/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    assert [r.status_code for r in got if isinstance(r, h11.Response)] == [400]

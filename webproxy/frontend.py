@@ -233,7 +233,8 @@ class ClientConnection(asyncio.Protocol):
         """FIN from the client: keep the write side open while complete requests are waiting
         (http1.answer_after_eof), answer them, then close; otherwise close now."""
         waiting = bool(self.pending) or self.busy or self._held is not None
-        if not self.closed and http1.answer_after_eof(self._in_message, waiting):
+        cut_off = self._in_message and not self._parse_failed  # a refused request is still answered (400...)
+        if not self.closed and http1.answer_after_eof(cut_off, waiting):
             self._eof = True
             return True
         return False
