@@ -341,10 +341,13 @@ async def test_type_d_lists_plain_names(ftpd, pool):
     assert body == b"nested\nreadme.txt\n"
 
 
-async def test_head_on_a_directory_lists_but_sends_no_body(ftpd, pool):
+async def test_head_on_a_directory_is_200_html_without_listing_it(ftpd, pool):
+    before = ftpd.stats.commands["MLSD"] + ftpd.stats.commands["LIST"]
     resp, body = await get(f"{ftpd.url}/pub/", pool, "HEAD")
     assert resp.status == 200 and body == b""
-    assert int(resp.header("Content-Length")) > 0
+    assert resp.header("Content-Type") == "text/html; charset=utf-8"
+    assert resp.header("Content-Length") is None  # a streamed listing's length is unknown up front
+    assert ftpd.stats.commands["MLSD"] + ftpd.stats.commands["LIST"] == before
 
 
 # --- errors ------------------------------------------------------------------------------------

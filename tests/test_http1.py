@@ -100,3 +100,13 @@ def test_connection_lifecycle_transitions():
         http1.next_state(ConnState.CLOSED, ConnState.BUSY)
     with pytest.raises(ValueError):
         http1.next_state(ConnState.DETACHED, ConnState.IDLE)
+
+
+@pytest.mark.parametrize("in_message,waiting,expected", [
+    (False, True, True),  # a complete request, then FIN: answer it, then close
+    (True, True, False),  # FIN inside a head or body: the request is cut off
+    (False, False, False),  # FIN with nothing to answer
+    (True, False, False),
+])
+def test_answer_after_eof_only_for_complete_waiting_requests(in_message, waiting, expected):
+    assert http1.answer_after_eof(in_message, waiting) is expected

@@ -24,6 +24,13 @@ def own(host: str, port: int) -> bool:
     ("GET", "https://example.com/", False, False, False, Route.UNSUPPORTED),
     ("GET", "foo://example.com/", False, False, False, Route.BAD),
     ("GET", "http://bad host/", False, False, False, Route.BAD),
+    # An intercepted connection: the original destination is the authority, whatever is named.
+    ("GET", "http://127.0.0.1:3128/", False, True, False, Route.TRANSPARENT),
+    ("GET", "http://other.test/x", False, True, False, Route.TRANSPARENT),
+    ("GET", "ftp://other.test/x", False, True, False, Route.TRANSPARENT),
+    ("GET", "/x", False, True, True, Route.LOOP),
+    ("CONNECT", "127.0.0.1:22", False, True, False, Route.BAD),
+    ("GET", "/x", True, True, False, Route.DENIED),
 ])
 def test_route(method, target, denied, transparent, looped, expected):
     assert route(method, target, denied, transparent, looped, own).route is expected

@@ -387,3 +387,110 @@ def test_shipped_example_configs_are_valid(name):
         assert [t["listen"] for t in cfg.tunnel] == [("0.0.0.0", 8080), ("127.0.0.1", 2222)]
     else:
         assert cfg.transparent["listen"] == [("::", 3129)]
+
+
+class RawUpstream:
+    """One-shot upstreams scripted per connection: `script(sock)` runs in a thread."""
+
+    def __init__(self, script):
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.script = script
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.lsock.getsockname()[1]}"
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.held.append(c)
+            threading.Thread(target=self.script, args=(c,), daemon=True).start()
+
+    def close(self):
+        self.lsock.close()
+        for c in self.held:
+            c.close()
+
+
+def test_upstream_reset_reaches_the_client_as_a_reset(forwarder):
+    def greet_then_reset(c: socket.socket) -> None:
+        c.sendall(b"R\n")
+        time.sleep(0.3)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+
+    up = RawUpstream(greet_then_reset)
+    try:
+        fw = forwarder("127.0.0.1:0", up.addr)
+        port = fw.wait_listening()[0]
+        with connect(port) as s:
+            assert banner(s) == b"R"
+            with pytest.raises(ConnectionResetError):
+                while s.recv(65536):
+                    pass
+        fw.next_line(r"up=0 down=2 duration=\S+ end=upstream-error: ECONNRESET")
+    finally:
+        up.close()
+
+
+def test_half_closed_bridge_ends_after_half_close_timeout_without_idle_timeout(forwarder):
+    def greet_and_hold(c: socket.socket) -> None:
+        c.sendall(b"H\n")  # then never answers and never closes
+
+    up = RawUpstream(greet_and_hold)
+    try:
+        fw = forwarder("127.0.0.1:0", up.addr, "--half-close-timeout", "0.5")
+        port = fw.wait_listening()[0]
+        with connect(port) as s:
+            assert banner(s) == b"H"
+            s.sendall(b"bye")
+            s.shutdown(socket.SHUT_WR)
+            t0 = time.monotonic()
+            assert s.recv(1) == b""
+            assert 0.3 < time.monotonic() - t0 < WAIT
+        fw.next_line(r"up=3 down=2 duration=\S+ end=half-close-timeout")
+    finally:
+        up.close()
+
+
+def test_sighup_without_config_file_is_ignored_and_bridges_go_on(forwarder, upstreams):
+    a = upstreams("A")
+    fw = forwarder("127.0.0.1:0", a.addr)
+    port = fw.wait_listening()[0]
+    with connect(port) as held:
+        assert banner(held) == b"A"
+        fw.proc.send_signal(signal.SIGHUP)
+        fw.next_line(r"SIGHUP ignored")
+        held.sendall(b"ping")
+        assert held.recv(4) == b"ping"
+    assert fw.proc.poll() is None
+    with connect(port) as s:
+        assert banner(s) == b"A"
+
+
+def test_sighup_reloads_allowed_clients_from_the_config_file(forwarder, upstreams, tmp_path):
+    a = upstreams("A")
+    s0 = socket.create_server(("127.0.0.1", 0))
+    listen = f"127.0.0.1:{s0.getsockname()[1]}"
+    s0.close()
+    conf = tmp_path / "fw.toml"
+
+    def write(allow: str) -> None:
+        conf.write_text(f'[[tunnel]]\nlisten = "{listen}"\nupstreams = ["{a.addr}"]\nallow_clients = ["{allow}"]\n')
+
+    write("127.0.0.1/32")
+    fw = forwarder("-c", str(conf))
+    port = fw.wait_listening()[0]
+    with connect(port, "127.0.0.2") as s:
+        assert banner(s) == b""  # denied
+    write("127.0.0.0/8")
+    fw.proc.send_signal(signal.SIGHUP)
+    fw.next_line(r"reloaded .* 1 change\(s\) applied \(allow_clients\)")
+    with connect(port, "127.0.0.2") as s:
+        assert banner(s) == b"A"
+    assert fw.proc.poll() is None

@@ -21,9 +21,9 @@ from tunnel.connect import (
     UpstreamTimeout,
     open_upstream,
 )
-from tunnel.forwarder import ForwarderSettings, admit, upstream_order
-from tunnel.relay import ENGINES, HAVE_SPLICE, relay
-from tunnel.transparent import is_own_listener, looks_like_http
+from tunnel.forwarder import ForwarderSettings, admit, reload_plan, upstream_order
+from tunnel.relay import ENGINES, HAVE_SPLICE, relay, reset_side
+from tunnel.transparent import is_own_listener, looks_like_http, read_as_http
 
 WAIT = 20.0  # generous ceiling so a broken relay fails instead of hanging; never a speed check
 
@@ -282,8 +282,15 @@ async def test_open_upstream_uses_given_resolver_answer(listener):
 @pytest.mark.parametrize("data,expected", [
     (b"GET / HTTP/1.1\r\n", True),
     (b"POST http://a.test/x?y=1 HTTP/1.0\r\nHost: a\r\n", True),
-    (b"GET /index.html HTTP/1.", None),
+    (b"GET /index.html HTTP/1.", True),  # method and target start: HTTP, however the head goes on
+    (b"GET /?q=" + b"a" * 5000, True),  # a head longer than sniff_bytes
+    (b"\r\nGET / HTTP/1.1\r\n", True),  # a leading blank line (RFC 9112 2.2)
+    (b"OPTIONS * HTTP/1.1\r\n", True),
+    (b"CONNECT a.test:443 HTTP/1.1\r\n", True),
+    (b"GET http:/", None),
     (b"GE", None),
+    (b"GET ", None),
+    (b"\r\n", None),
     (b"", None),
     (b"\x16\x03\x01\x02\x00", False),  # TLS ClientHello
     (b"SSH-2.0-OpenSSH_9.2\r\n", False),
@@ -292,8 +299,18 @@ async def test_open_upstream_uses_given_resolver_answer(listener):
     (b"get / HTTP/1.1\r\n", False),
     (b"GET  / HTTP/1.1\r\n", False),
 ])
-def test_http_sniff_recognises_only_http1_request_lines(data, expected):
+def test_http_sniff_decides_http_from_method_and_target_start(data, expected):
     assert looks_like_http(data) is expected
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"", False),  # a client that sends nothing (server speaks first): relayed raw
+    (b"G", True),  # a slow request line: HTTP, never raw
+    (b"\r\n\r\n", True),
+    (b"\x16\x03", False),
+])
+def test_sniff_verdict_relays_raw_only_silence_or_non_http(data, expected):
+    assert read_as_http(data) is expected
 
 
 def test_own_listener_wildcard_matches_local_addresses_only():
@@ -380,3 +397,22 @@ def test_socket_detached_from_transport_relays_pipelined_bytes(loop_kind):
     else:
         with asyncio.Runner() as r:
             r.run(main())
+
+
+@pytest.mark.parametrize("ended,side", [
+    ("upstream-error: ECONNRESET", "client"),
+    ("client-error: EPIPE", "upstream"),
+    ("closed", None),
+    ("idle-timeout", None),
+    ("half-close-timeout", None),
+])
+def test_a_failure_on_one_side_is_passed_on_as_a_reset_to_the_other(ended, side):
+    assert reset_side(ended) == side
+
+
+def test_forwarder_reload_applies_live_settings_and_names_the_rest():
+    old = ForwarderSettings(listen=("127.0.0.1", 1), upstreams=[("127.0.0.1", 2)])
+    new = ForwarderSettings(listen=("127.0.0.1", 1), upstreams=[("127.0.0.1", 3)], max_connections=5,
+                            idle_timeout=7.0)
+    live, restart = reload_plan(old, new)
+    assert live == {"max_connections": 5, "idle_timeout": 7.0} and restart == ["upstreams"]

@@ -420,9 +420,9 @@ def test_gateway_keeps_no_fds_after_stress_with_resets_and_refusals(topology):
             s = client_connect(topology, SERVER, 7000)
             s.sendall(b"\x02" * 3000)
             _rst_close(s)
-        elif kind == 2:  # client resets while the gateway is still sniffing (a partial request line)
+        elif kind == 2:  # client resets while the gateway is still sniffing (too little to tell yet)
             s = client_connect(topology, SERVER, 7000)
-            s.sendall(b"GET /")
+            s.sendall(b"GE")
             _rst_close(s)
         elif kind == 3:  # original destination refuses
             with client_connect(topology, SERVER, 80) as s:

@@ -36,6 +36,7 @@ class ForwarderSettings:
     allow_clients: list[Network] = field(default_factory=lambda: list(LOOPBACK))
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0  # 0 = none
+    half_close_timeout: float = 60.0  # 0 = none; a bridge with one side finished, idle this long, ends
     engine: str | None = None  # relay engine; None = tunnel.relay.DEFAULT_ENGINE
     buffer_size: int = DEFAULT_BUFFER  # per direction
 
@@ -98,6 +99,20 @@ def log_line(client: Any, upstream: str, result: RelayResult | None, ended: str 
             f"duration={result.duration:.3f}s end={ended or result.ended}")
 
 
+# Settings a running forwarder takes on at once (new bridges; open ones keep what they started with).
+LIVE_KEYS = ("allow_clients", "balance", "max_connections", "max_connections_per_client", "when_full",
+             "connect_timeout", "idle_timeout", "half_close_timeout")
+
+
+def reload_plan(old: ForwarderSettings, new: ForwarderSettings) -> tuple[dict[str, Any], list[str]]:
+    """A config reload for one forwarder: (the live settings that changed, with their new values;
+    the names of changed settings that need a restart: the listen socket, upstreams, engine)."""
+    live = {k: getattr(new, k) for k in LIVE_KEYS if getattr(new, k) != getattr(old, k)}
+    restart = [k for k in old.__dataclass_fields__
+               if k not in LIVE_KEYS and k not in ("engine", "buffer_size") and getattr(new, k) != getattr(old, k)]
+    return live, restart
+
+
 class NoUpstream(Exception):
     """Every upstream failed; the message lists each one's reason."""
 
@@ -140,6 +155,17 @@ class Forwarder:
         self.address = lsock.getsockname()[:2]
         self.acceptor = Acceptor(lsock, self._on_accept)
         self.acceptor.resume()
+
+    def reconfigure(self, new: ForwarderSettings) -> tuple[list[str], list[str]]:
+        """Take on `new`'s live settings (reload_plan); returns (applied, needing a restart)."""
+        live, restart = reload_plan(self.s, new)
+        for k, v in live.items():
+            setattr(self.s, k, v)
+        acc = self.acceptor
+        if acc is not None and acc.paused and not acc.closed:
+            if not self.s.max_connections or self.active < self.s.max_connections or self.s.when_full != "wait":
+                acc.resume()
+        return list(live), restart
 
     async def close(self) -> None:
         """Stop accepting and end every bridge."""
@@ -211,6 +237,7 @@ class Forwarder:
             upstream_name = fmt_addr(self.s.upstreams[i])
             try:
                 result = await relay(sock, upstream, idle_timeout=self.s.idle_timeout or None,
+                                     half_close_timeout=self.s.half_close_timeout or None,
                                      engine=self.s.engine, buffer_size=self.s.buffer_size)
             finally:
                 self.per_upstream[i] -= 1

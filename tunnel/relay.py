@@ -7,8 +7,11 @@ destination to become writable. That is the backpressure: at most `buffer_size` 
 live in this process (or in its pipe, for splice), whatever the speed of either peer.
 
 EOF from one side becomes shutdown(SHUT_WR) on the other; the bridge ends when both directions have
-seen EOF, when either side errors, on the idle timeout, or when the awaiting task is cancelled. Both
-sockets are always closed.
+seen EOF, when either side errors, on the idle timeout, on the half-close timeout (one direction has
+ended and nothing moved for that long: a peer that vanished after its FIN must not hold a bridge
+for ever), or when the awaiting task is cancelled. Both sockets are always closed; when one side
+failed (a reset, an error) the other is closed with RST, so the failure is passed on and never
+looks like a clean end (`reset_side`).
 
 Two engines: "copy" uses recv/send through one scratch buffer shared by all bridges of a thread
 (leftovers of a partial send are copied out); "splice" moves bytes socket -> pipe -> socket inside
@@ -26,6 +29,7 @@ import errno
 import fcntl
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -63,7 +67,7 @@ def _copy_buffer(size: int) -> memoryview:
 class RelayResult:
     """What happened on one bridge: byte counts per direction, how long, and how it ended.
 
-    `ended` is "closed" (both sides finished cleanly), "idle-timeout",
+    `ended` is "closed" (both sides finished cleanly), "idle-timeout", "half-close-timeout",
     "client-error: <reason>" or "upstream-error: <reason>".
     """
 
@@ -251,6 +255,25 @@ class _Direction:
                 return
 
 
+def reset_side(ended: str) -> str | None:
+    """Which socket to close with RST when a bridge ended this way: the side opposite a failure.
+    An upstream reset must reach the client as a reset, not as a FIN that could pass for a clean,
+    complete end (RFC 9293 3.10.7.4: a reset aborts; only a FIN says "no more data")."""
+    if ended.startswith("upstream-error"):
+        return "client"
+    if ended.startswith("client-error"):
+        return "upstream"
+    return None
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the next close() send RST instead of FIN (SO_LINGER with a zero timeout)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
 def _close_quietly(sock: socket.socket) -> None:
     try:
         sock.close()
@@ -260,12 +283,13 @@ def _close_quietly(sock: socket.socket) -> None:
 
 async def relay(client: socket.socket, upstream: socket.socket, *, client_initial: bytes = b"",
                 idle_timeout: float | None = None, buffer_size: int = DEFAULT_BUFFER,
-                engine: str | None = None) -> RelayResult:
+                engine: str | None = None, half_close_timeout: float | None = None) -> RelayResult:
     """Bridge two connected sockets until both directions end; always closes both sockets.
 
     `client_initial` is sent upstream before anything else (bytes the caller already read from the
     client). `idle_timeout` (seconds, None or 0 for none) ends the bridge when neither side has
-    moved a byte for that long. `engine` is "copy" (default) or "splice" (Linux; falls back to
+    moved a byte for that long; `half_close_timeout` likewise, but only once one direction has
+    ended (its own bound, so half-open bridges end even with no idle timeout). `engine` is "copy" (default) or "splice" (Linux; falls back to
     copy elsewhere). At most `buffer_size` bytes per direction are held in this process.
     """
     loop = asyncio.get_running_loop()
@@ -277,9 +301,23 @@ async def relay(client: socket.socket, upstream: socket.socket, *, client_initia
     finished: asyncio.Future[str] = loop.create_future()
     last = [started]
     remaining = [2]
+    timers: dict[str, asyncio.TimerHandle] = {}
 
     def touch() -> None:
         last[0] = time.monotonic()
+
+    def watch(timeout: float, label: str) -> None:
+        """End the bridge as `label` once nothing has moved for `timeout` seconds."""
+        def check() -> None:
+            if finished.done():
+                return
+            left = last[0] + timeout - time.monotonic()
+            if left <= 0:
+                finished.set_result(label)
+            else:
+                timers[label] = loop.call_later(left, check)
+
+        timers[label] = loop.call_later(timeout, check)
 
     def on_done(exc: BaseException | None) -> None:
         if finished.done():
@@ -290,19 +328,12 @@ async def relay(client: socket.socket, upstream: socket.socket, *, client_initia
         remaining[0] -= 1
         if remaining[0] == 0:
             finished.set_result("closed")
+        elif half_close_timeout:
+            touch()
+            watch(half_close_timeout, "half-close-timeout")
 
     directions: list[_Direction] = []
-    timer: asyncio.TimerHandle | None = None
-
-    def check_idle() -> None:
-        nonlocal timer
-        if finished.done():
-            return
-        left = last[0] + idle_timeout - time.monotonic()
-        if left <= 0:
-            finished.set_result("idle-timeout")
-        else:
-            timer = loop.call_later(left, check_idle)
+    ended = "cancelled"
 
     try:
         for s in (client, upstream):
@@ -314,14 +345,17 @@ async def relay(client: socket.socket, upstream: socket.socket, *, client_initia
         for d in directions:
             d.start()
         if idle_timeout:
-            timer = loop.call_later(idle_timeout, check_idle)
+            watch(idle_timeout, "idle-timeout")
         ended = await finished
         return RelayResult(directions[0].count, directions[1].count, time.monotonic() - started, ended)
     finally:
-        if timer is not None:
+        for timer in timers.values():
             timer.cancel()
         for d in directions:
             d.stop()
+        side = reset_side(ended)
+        if side is not None:
+            reset_on_close(client if side == "client" else upstream)
         _close_quietly(client)
         _close_quietly(upstream)
 

@@ -1,10 +1,12 @@
 """The transparent listener: connections redirected by iptables (REDIRECT or TPROXY) arrive here.
 
 For each one: find the original destination, refuse it if that is one of our own listeners (a
-redirect loop), then sniff the first bytes (bounded in size and time). An HTTP/1.x request line goes
-to the caller's `on_http` (the HTTP front end, so caching applies); anything else, including a
-server-speaks-first protocol that sends nothing within the sniff timeout, is relayed raw to the
-original destination.
+redirect loop), then sniff the first bytes (bounded in size and time). Whatever could be the start
+of an HTTP/1.x request goes to the caller's `on_http` (the HTTP front end, so access rules, limits,
+the log and the cache apply, and a request that is not one after all gets its 400/431 there);
+anything else, including a server-speaks-first protocol that sends nothing within the sniff
+timeout, is relayed raw to the original destination, once the caller's `admit` lets it: a raw relay
+passes the same client check and counts against the same connection limits as HTTP.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import inspect
 import ipaddress
 import logging
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -23,46 +24,76 @@ from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, UpstreamRefused, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
 from tunnel.origdst import original_dst, transparent_listener
-from tunnel.relay import relay
+from tunnel.relay import relay, reset_on_close
 
 logger = logging.getLogger("tunnel")
 
 # on_http(sock, initial_bytes, orig_dst, client_addr); may be a coroutine function. It owns `sock`.
 OnHttp = Callable[[socket.socket, bytes, tuple[str, int], Any], Any]
+# admit(client_ip) -> None to let a raw relay through (a connection slot is taken), else the reason
+# it is refused (for the log line); release(client_ip) gives the slot back when the relay ends.
+Admit = Callable[[str], str | None]
+Release = Callable[[str], None]
 
 _METHOD_MAX = 24
+_SCHEME_MAX = 32
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 
 
-def looks_like_http(data: bytes) -> bool | None:
-    """Is `data` the start of an HTTP/1.x request line ("METHOD SP target SP HTTP/1.x CRLF")?
+def _scheme_byte(c: int) -> bool:  # RFC 3986 3.1: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+    return 0x61 <= c | 0x20 <= 0x7A or 0x30 <= c <= 0x39 or c in b"+-."
 
-    True: yes. False: it cannot be one (TLS, SSH, binary...). None: too short to tell yet.
+
+def looks_like_http(data: bytes) -> bool | None:
+    """Could `data` be the start of an HTTP/1.x request (RFC 9112 2.2, 3)?
+
+    True: a method and the start of a request target are there ("GET /", "OPTIONS *",
+    "GET http://", "CONNECT h"): it is read as HTTP, however long or slow the rest of the head is.
+    False: it cannot be one (TLS, SSH, HTTP/2's preface, binary...). None: too short to tell yet.
+    Leading empty lines are skipped, as RFC 9112 2.2 asks of a server.
     """
     n = len(data)
     i = 0
+    while i < n and data[i] in b"\r\n":
+        i += 1
+    start = i
     while i < n and 0x41 <= data[i] <= 0x5A:  # method: upper-case letters
         i += 1
-        if i > _METHOD_MAX:
+        if i - start > _METHOD_MAX:
             return False
     if i == n:
         return None
-    if i == 0 or data[i] != 0x20:
+    if i == start or data[i] != 0x20:
+        return False
+    method = data[start:i]
+    if method == b"PRI":  # the HTTP/2 connection preface (RFC 9113 3.4): not for an HTTP/1 front end
         return False
     j = i + 1
-    while j < n and 0x21 <= data[j] <= 0x7E:  # request target: visible ASCII
-        j += 1
     if j == n:
         return None
-    if j == i + 1 or data[j] != 0x20:
+    if data[j] in b"/*":  # origin-form, asterisk-form
+        return True
+    if method == b"CONNECT":  # authority-form
+        return 0x21 <= data[j] <= 0x7E
+    if not 0x61 <= data[j] | 0x20 <= 0x7A:  # absolute-form starts with a scheme
         return False
-    rest = data[j + 1:j + 11]
-    for want in (b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", b"HTTP/1.1\n", b"HTTP/1.0\n"):
-        if rest[:len(want)] == want:
-            return True
-        if want.startswith(rest):
-            return None
-    return False
+    k = j
+    while k < n and _scheme_byte(data[k]):
+        k += 1
+        if k - j > _SCHEME_MAX:
+            return False
+    rest = data[k:k + 3]
+    if rest == b"://":
+        return True
+    return None if b"://".startswith(rest) else False
+
+
+def read_as_http(data: bytes) -> bool:
+    """The verdict when sniffing stops (decided, `sniff_bytes` in, or `sniff_timeout` passed):
+    only a client that sent nothing, or bytes that cannot be HTTP, is relayed raw. A start that is
+    still undecided (a slow or blank-line-led request) goes to the HTTP front end, which applies
+    its limits and timeouts: being slow must never be a way around the HTTP rules."""
+    return bool(data) and looks_like_http(data) is not False
 
 
 @lru_cache(maxsize=256)
@@ -100,10 +131,7 @@ def is_own_listener(dst: tuple[str, int], own: Sequence[tuple[str, int]]) -> boo
 
 def _reset(sock: socket.socket) -> None:
     """Close with RST, which is what the client would have seen from a refusing destination."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
+    reset_on_close(sock)
     sock.close()
 
 
@@ -112,7 +140,9 @@ class TransparentListener:
                  sniff_bytes: int = 4096, sniff_timeout: float = 2.0, connect_timeout: float = 10.0,
                  idle_timeout: float | None = None, spoof_client_address: bool = False,
                  own_listeners: Sequence[tuple[str, int]] = (), resolve: Resolver | None = None,
-                 log: Callable[[str], None] | None = None, engine: str | None = None) -> None:
+                 log: Callable[[str], None] | None = None, engine: str | None = None,
+                 admit: Admit | None = None, release: Release | None = None,
+                 half_close_timeout: float | None = None) -> None:
         if mode not in ("redirect", "tproxy"):
             raise ValueError("transparent mode must be 'redirect' or 'tproxy'")
         self.listen = list(listen)
@@ -127,6 +157,9 @@ class TransparentListener:
         self.resolve = resolve
         self.log = log or (lambda line: logger.info("%s", line))
         self.engine = engine
+        self.admit = admit
+        self.release = release
+        self.half_close_timeout = half_close_timeout
         self.acceptors: list[Acceptor] = []
         self.tasks: set[asyncio.Task] = set()
         self.addresses: list[tuple[str, int]] = []
@@ -200,12 +233,37 @@ class TransparentListener:
             if closed and not initial:
                 self.log(log_line(addr, fmt_addr(dst), None, "client-closed", kind="transparent"))
                 return
-            if looks_like_http(initial):
+            if read_as_http(initial):
                 handed, sock = sock, None
                 result = self.on_http(handed, initial, dst, addr)
                 if inspect.isawaitable(result):
                     await result
                 return
+            refused = self.admit(addr[0]) if self.admit is not None else None
+            if refused is not None:
+                _reset(sock)
+                sock = None
+                self.log(log_line(addr, fmt_addr(dst), None, refused, kind="transparent"))
+                return
+            handed, sock = sock, None
+            try:
+                await self._relay(handed, addr, dst, initial)
+            finally:
+                if self.release is not None:
+                    self.release(addr[0])
+        except asyncio.CancelledError:
+            self.log(log_line(addr, fmt_addr(dst), None, "cancelled", kind="transparent"))
+        except Exception as e:
+            logger.exception("transparent connection from %s failed", fmt_addr(addr))
+            self.log(log_line(addr, fmt_addr(dst), None, f"error ({type(e).__name__})", kind="transparent"))
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _relay(self, sock: socket.socket, addr: Any, dst: tuple[str, int], initial: bytes) -> None:
+        """Connect to the original destination (from the client's own address when spoofing) and
+        relay; `sock` is always closed."""
+        try:
             local = (_norm(addr[0]), 0) if self.spoof else None
             try:
                 upstream = await open_upstream(dst[0], dst[1], timeout=self.connect_timeout,
@@ -216,21 +274,14 @@ class TransparentListener:
                     _reset(sock)
                 else:
                     sock.close()
-                sock = None
                 self.log(log_line(addr, fmt_addr(dst), None, f"upstream-failed ({e})", kind="transparent"))
                 return
-            handed, sock = sock, None
-            result = await relay(handed, upstream, client_initial=initial, idle_timeout=self.idle_timeout,
-                                 engine=self.engine)
-            self.log(log_line(addr, fmt_addr(dst), result, kind="transparent"))
-        except asyncio.CancelledError:
-            self.log(log_line(addr, fmt_addr(dst), None, "cancelled", kind="transparent"))
-        except Exception as e:
-            logger.exception("transparent connection from %s failed", fmt_addr(addr))
-            self.log(log_line(addr, fmt_addr(dst), None, f"error ({type(e).__name__})", kind="transparent"))
-        finally:
-            if sock is not None:
-                sock.close()
+        except BaseException:
+            sock.close()
+            raise
+        result = await relay(sock, upstream, client_initial=initial, idle_timeout=self.idle_timeout,
+                             half_close_timeout=self.half_close_timeout, engine=self.engine)
+        self.log(log_line(addr, fmt_addr(dst), result, kind="transparent"))
 
 
 async def serve_transparent(settings: dict[str, Any], on_http: OnHttp, *,
@@ -244,6 +295,7 @@ async def serve_transparent(settings: dict[str, Any], on_http: OnHttp, *,
         settings["listen"], on_http=on_http, mode=settings.get("mode", "redirect"),
         sniff_bytes=settings.get("sniff_bytes", 4096), sniff_timeout=settings.get("sniff_timeout", 2.0),
         spoof_client_address=settings.get("spoof_client_address", False), own_listeners=own_listeners,
+        half_close_timeout=settings.get("half_close_timeout") or None,
         connect_timeout=connect_timeout, idle_timeout=idle_timeout, resolve=resolve, log=log)
     listener.start()
     try:

@@ -2,7 +2,9 @@
 
 Either forward one port given on the command line, or (`-c CONFIG`) run every `[[tunnel]]` entry
 of a config file. Problems a person can fix (port in use, bad address) are one line and exit 2;
-SIGTERM/SIGINT stop the forwarder and exit 0.
+SIGTERM/SIGINT stop the forwarder and exit 0; SIGHUP re-reads the config file (access, limits,
+timeouts take effect for new connections; listen and upstream changes are named as needing a
+restart), or is ignored when the forwarder runs from the command line. It never kills it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from tunnel.forwarder import serve_forwarders
+from tunnel.forwarder import Forwarder, ForwarderSettings, serve_forwarders
 from tunnel.relay import ENGINES
 from webproxy import config
 
@@ -37,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="close a bridge after this long without traffic (0 = never)")
+    p.add_argument("--half-close-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="close a bridge one side of which has finished after this long without traffic "
+                        "(0 = never; default 60)")
     p.add_argument("--relay-engine", choices=ENGINES, default=None,
                    help="byte-moving engine: copy (default) or splice (Linux zero-copy)")
     p.add_argument("--buffer-size", type=int, default=None, metavar="BYTES",
@@ -59,7 +64,8 @@ def _entries_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError("usage: webproxy tunnel LISTEN UPSTREAM [UPSTREAM...] (e.g. 127.0.0.1:8080 "
                          "10.0.0.5:80), or webproxy tunnel -c CONFIG")
     for name, value in (("--max-connections", args.max_connections), ("--max-per-client", args.max_per_client),
-                        ("--connect-timeout", args.connect_timeout), ("--idle-timeout", args.idle_timeout)):
+                        ("--connect-timeout", args.connect_timeout), ("--idle-timeout", args.idle_timeout),
+                        ("--half-close-timeout", args.half_close_timeout)):
         if value < 0:
             raise UsageError(f"{name} cannot be negative")
     entry: dict[str, Any] = {}
@@ -84,7 +90,8 @@ def _entries_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise UsageError(f"--allow {cidr!r} is not a network such as 192.168.0.0/16") from None
     entry.update(allow_clients=nets, balance=args.balance, max_connections=args.max_connections,
                  max_connections_per_client=args.max_per_client, when_full=args.when_full,
-                 connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout)
+                 connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout,
+                 half_close_timeout=args.half_close_timeout)
     return [entry]
 
 
@@ -103,14 +110,46 @@ def _bind_problem(e: OSError, listen: tuple[str, int]) -> str:
     return f"cannot listen on {where}: {e.strerror or e}"
 
 
-async def _run(entries: list[dict[str, Any]], engine: str | None, buffer_size: int | None) -> int:
+def _say(line: str) -> None:
+    print(f"webproxy tunnel: {line}", file=sys.stderr, flush=True)
+
+
+def _reload(config_path: str | None, running: list[Forwarder]) -> None:
+    """SIGHUP: apply the config file's live settings to the running forwarders, one line each."""
+    if config_path is None:
+        _say("SIGHUP ignored: forwarding from the command line, there is no config file to re-read")
+        return
+    try:
+        entries = config.load(config_path).tunnel
+    except config.ConfigError as e:
+        _say(f"reload failed, keeping the running config: {e}")
+        return
+    by_listen = {e["listen"]: e for e in entries}
+    for f in running:
+        entry = by_listen.pop(f.s.listen, None)
+        if entry is None:
+            _say(f"reload: {f.s.listen[0]}:{f.s.listen[1]} is no longer in {config_path}; restart to remove it")
+            continue
+        applied, restart = f.reconfigure(ForwarderSettings.from_entry(entry))
+        _say(f"reloaded {config_path} for {f.s.listen[0]}:{f.s.listen[1]}: {len(applied)} change(s) applied"
+             + (f" ({', '.join(applied)})" if applied else "")
+             + (f"; {', '.join(restart)} changed, restart to apply" if restart else ""))
+    for listen in by_listen:
+        _say(f"reload: new entry {listen[0]}:{listen[1]} needs a restart")
+
+
+async def _run(entries: list[dict[str, Any]], engine: str | None, buffer_size: int | None,
+               config_path: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running: list[Forwarder] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(config_path, running))
     listening: list[str] = []
 
     def started(forwarders: list) -> None:
+        running.extend(forwarders)
         for f in forwarders:
             ups = " ".join(f"{h}:{p}" for h, p in f.s.upstreams)
             listening.append(f"{f.address[0]}:{f.address[1]}")
@@ -158,6 +197,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"webproxy tunnel: {e}", file=sys.stderr)
         return 2
     _raise_fd_limit(entries, args.relay_engine)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs the reload handler
     try:
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
@@ -165,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            return runner.run(_run(entries, args.relay_engine, args.buffer_size))
+            return runner.run(_run(entries, args.relay_engine, args.buffer_size, args.config))
     except OSError as e:
         listen = next((en["listen"] for en in entries if _matches(e, en)), entries[0]["listen"])
         print(f"webproxy tunnel: {_bind_problem(e, listen)}", file=sys.stderr)

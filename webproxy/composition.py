@@ -12,6 +12,7 @@ from cache.store import open_store
 from tunnel.connect import Resolver
 from tunnel.forwarder import serve_forwarders
 from tunnel.transparent import TransparentListener
+from webproxy.acl import ConnectionCounter, client_allowed
 from webproxy.caching import CacheLayer
 from webproxy.config import Config
 from webproxy.context import Env
@@ -30,6 +31,7 @@ class Composable(Env, RefreshHost, ConnectionHost, Protocol):
     def cfg(self) -> Config: ...
 
     answers: Answers
+    counter: ConnectionCounter
     resolve: Resolver
     listen_addrs: list[tuple[str, int]]
     closers: list[Callable[[], Awaitable[None]]]
@@ -62,15 +64,30 @@ def on_http_factory(proxy: ConnectionHost) -> Any:
     return on_http
 
 
+def raw_relay_admission(proxy: Composable) -> tuple[Callable[[str], str | None], Callable[[str], None]]:
+    """(admit, release) for intercepted connections relayed raw: the same client check (the live
+    `access.allow_clients`, SIGHUP included) and the same connection counts as HTTP clients."""
+
+    def admit(ip: str) -> str | None:
+        if not client_allowed(ip, proxy.cfg.access["allow_clients"]):
+            return "denied"
+        why = proxy.counter.admit(ip, proxy.cfg.access)
+        return f"refused ({why})" if why else None
+
+    return admit, proxy.counter.release
+
+
 async def _start_transparent(proxy: Composable) -> None:
     cfg = proxy.cfg
+    admit, release = raw_relay_admission(proxy)
     listener = TransparentListener(
         cfg.transparent["listen"], on_http=on_http_factory(proxy), mode=cfg.transparent["mode"],
         sniff_bytes=cfg.transparent["sniff_bytes"], sniff_timeout=cfg.transparent["sniff_timeout"],
         connect_timeout=cfg.upstream["connect_timeout"], idle_timeout=cfg.server["idle_timeout"] or None,
         spoof_client_address=cfg.transparent["spoof_client_address"],
         own_listeners=[*proxy.listen_addrs, *cfg.transparent["listen"]], resolve=proxy.resolve,
-        log=lambda line: proxy.log_error(line, "info"))
+        log=lambda line: proxy.log_error(line, "info"), admit=admit, release=release,
+        half_close_timeout=cfg.transparent["half_close_timeout"] or None)
     try:
         listener.start()
     except OSError as e:

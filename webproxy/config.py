@@ -122,6 +122,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "spoof_client_address": ("bool", False),
         "sniff_bytes": ("int", 4096),
         "sniff_timeout": ("float", 2.0),
+        "half_close_timeout": ("float", 60.0),
     },
     "pac": {
         "proxy": ("str", ""),
@@ -146,6 +147,7 @@ LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "allow_clients": ("nets", ["127.0.0.0/8", "::1/128"]),
         "connect_timeout": ("float", 10.0),
         "idle_timeout": ("float", 0.0),
+        "half_close_timeout": ("float", 60.0),
     },
 }
 

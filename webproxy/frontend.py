@@ -183,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._eof = False  # the client half-closed after complete requests: answer them, then close
         self._reset_message()
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -239,6 +240,16 @@ class ClientConnection(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             self.host.release(self)
+
+    def eof_received(self) -> bool:
+        """FIN from the client: keep the write side open while complete requests are waiting
+        (http1.answer_after_eof), answer them, then close; otherwise close now."""
+        waiting = bool(self.pending) or self.busy or self._held is not None
+        cut_off = self._in_message and not self._parse_failed  # a refused request is still answered (400...)
+        if not self.closed and http1.answer_after_eof(cut_off, waiting):
+            self._eof = True
+            return True
+        return False
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -570,7 +581,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             while not self.closed:
                 if not self.pending:
-                    if self.state is ConnState.DRAINING:
+                    if self.state is ConnState.DRAINING or self._eof:
                         self.close()
                     return
                 item = self.pending.popleft()
@@ -607,7 +618,8 @@ class ClientConnection(asyncio.Protocol):
     def keep_open(self, req: Request, framing: Framing | None = None, forced_close: bool = False) -> bool:
         """Whether this connection stays open after answering `req` (http1.keep_open)."""
         body_unread = req.body is not None and not req.body.done
-        return http1.keep_open(req.keep_alive, self.state is ConnState.DRAINING, self.served,
+        last = self.state is ConnState.DRAINING or (self._eof and not self.pending)
+        return http1.keep_open(req.keep_alive, last, self.served,
                                self.host.limits["max_requests_per_connection"], framing, body_unread, forced_close)
 
     def finish_now(self, keep: bool) -> None:

@@ -12,9 +12,15 @@ HTML listing for a directory, or a short text/plain error. HTTP statuses for FTP
 - cannot connect, DNS failure, connection lost: 502; a timeout: 504; any other FTP failure: 502
   with the server's reply line in the body. A bad ftp URL: 400. Not GET/HEAD: 405.
 
-Nothing half-done passes silently: when the data connection ends short of SIZE, or the server's
-final reply is not 2xx, the body iterator raises FtpTransferError (the front end then aborts the
-client connection and stores nothing).
+Nothing half-done passes silently: a transfer (file or listing) is complete only when the data
+connection has closed, the server's final reply is 226/250 and the length matches SIZE
+(`ftpreply.transfer_problem`). The body iterator holds its last piece back until then, and raises
+FtpTransferError instead of yielding it when the transfer failed: the front end then cuts the client
+connection short of its Content-Length (or of the terminating chunk) and stores nothing.
+
+A server that breaks the protocol or our bounds (an endless or oversized reply, a passive reply
+out of range) is 502 "bad reply from the FTP server"; listings are rendered as they stream in
+(`ftplisting.ListingRenderer`), in bounded memory and yielding to the loop between pieces.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from typing import NamedTuple
 
 import aioftp
 
-from webproxy.ftplisting import Entry, parse_list_line, parse_mlsd_line, render_html, render_names, visible
+from webproxy.ftplisting import ListingRenderer, visible
 from webproxy.ftppool import CODEC, FtpPool, FtpSession, PoolClosed
+from webproxy.ftpreply import BadReply, transfer_problem
 from webproxy.ftpurl import (
     Credentials,
     FtpTarget,
@@ -46,15 +53,11 @@ from webproxy.ftpurl import (
 __all__ = ["FtpPool", "FtpResponse", "FtpStat", "FtpTransferError", "fetch", "stat"]
 
 CHUNK = 256 * 1024
-MAX_LISTING = 32 << 20  # a directory listing is held whole to render it; refuse absurd ones
+LISTING_CHUNK = 64 * 1024  # listing bytes parsed and rendered per turn of the event loop
 
 
 class FtpTransferError(Exception):
     """The body stopped before the whole file arrived (see the module docstring)."""
-
-
-class _ListingTooLarge(Exception):
-    pass
 
 
 class FtpStat(NamedTuple):
@@ -66,33 +69,47 @@ class _Transfer:
     """A RETR in progress: owns the data connection and, until released, the session."""
 
     def __init__(self, pool: FtpPool, session: FtpSession, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, size: int | None) -> None:
+                 writer: asyncio.StreamWriter, size: int | None, listing: ListingRenderer | None = None) -> None:
         self.pool, self.session, self.reader, self.writer, self.size = pool, session, reader, writer, size
+        self.listing = listing
         self.complete = False
         self.released = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The file's bytes (or the rendered listing), the last piece held back until the transfer
+        is known to be complete (module docstring)."""
         received = 0
+        held = b""
+        listing = self.listing
         try:
             while True:
                 async with asyncio.timeout(self.session.timeout):
-                    data = await self.reader.read(CHUNK)
+                    data = await self.reader.read(LISTING_CHUNK if listing else CHUNK)
                 if not data:
                     break
                 received += len(data)
                 if self.size is not None and received > self.size:
                     raise FtpTransferError(f"the server sent more than the {self.size} bytes SIZE announced")
-                yield data
+                if listing is not None:
+                    data = listing.feed(data).encode()
+                    await asyncio.sleep(0)  # a huge listing must not hold the loop
+                if held:
+                    yield held
+                held = data
             self.writer.close()
-            try:
-                await self.session.command(None, "2xx", "1xx")
-            except aioftp.StatusCodeError as e:
-                raise FtpTransferError(f"the transfer failed: {reply_line(e)}") from None
-            if self.size is not None and received != self.size:
-                raise FtpTransferError(f"got {received} of the {self.size} bytes SIZE announced")
+            code, _ = await self.session.command(None, "xxx", "1xx")
+            problem = transfer_problem(received, self.size, code)
+            if problem is not None:
+                raise FtpTransferError(f"the transfer failed: {problem}")
             self.complete = True
+            if listing is not None:
+                held += listing.finish().encode()
+            if held:
+                yield held
         except TimeoutError:
             raise FtpTransferError("the FTP server stopped sending (timeout)") from None
+        except BadReply as e:
+            raise FtpTransferError(f"bad reply from the FTP server: {e}") from None
         except (ConnectionError, asyncio.IncompleteReadError):
             raise FtpTransferError("the FTP connection was lost during the transfer") from None
 
@@ -163,9 +180,9 @@ async def fetch(url: str, method: str, headers: list[tuple[str, str]], pool: Ftp
                      [("Allow", "GET, HEAD")])
     try:
         target = parse_ftp_url(url)
+        creds = credentials(target, headers, pool.anonymous_user, pool.anonymous_password)
     except FtpUrlError as e:
         return _text(400, f"{e}\n")
-    creds = credentials(target, headers, pool.anonymous_user, pool.anonymous_password)
 
     async def serve(session: FtpSession) -> FtpResponse:
         return await _serve(pool, session, target, method, headers)
@@ -195,6 +212,8 @@ async def _with_session(pool: FtpPool, target: FtpTarget, creds: Credentials,
             return _login_refused(target, creds, e)
         except TimeoutError:
             return _text(504, f"timed out connecting to the FTP server {where}\n")
+        except BadReply as e:
+            return _bad_reply(where, e)
         except PoolClosed:
             return _text(503, "the proxy is shutting down\n")
         except (OSError, asyncio.IncompleteReadError) as e:  # refused, unreachable, DNS, reset
@@ -204,9 +223,12 @@ async def _with_session(pool: FtpPool, target: FtpTarget, creds: Credentials,
         except TimeoutError:  # before OSError: TimeoutError is one
             pool.release(session, reusable=False)
             return _text(504, f"the FTP server {where} did not answer in time\n")
-        except _ListingTooLarge:
+        except BadReply as e:
             pool.release(session, reusable=False)
-            return _text(502, f"the directory listing is larger than {MAX_LISTING >> 20} MiB\n")
+            return _bad_reply(where, e)
+        except aioftp.errors.InvalidCommand:  # a command built from a server's answer ended up with CR/LF
+            pool.release(session, reusable=False)
+            return _bad_reply(where, BadReply("a reply that would put control characters in a command"))
         except (OSError, asyncio.IncompleteReadError, aioftp.StatusCodeError) as e:
             lost = not isinstance(e, aioftp.StatusCodeError) or e.received_codes[-1] == "421"
             if not lost:  # a complete reply we did not expect: the session is still in step
@@ -231,7 +253,7 @@ async def _serve(pool: FtpPool, session: FtpSession, target: FtpTarget, method: 
                  headers: list[tuple[str, str]]) -> FtpResponse:
     path = server_path(target, session.home)
     if target.is_dir or target.type == "d":
-        return await _directory(session, target, path)
+        return await _directory(pool, session, target, path, method)
 
     conn_type = "A" if target.type == "a" else "I"
     await session.set_type(conn_type)
@@ -287,19 +309,24 @@ async def _not_a_file(session: FtpSession, target: FtpTarget, path: str, code: s
     return _error_for(code, lines)
 
 
-async def _directory(session: FtpSession, target: FtpTarget, path: str) -> FtpResponse:
+async def _directory(pool: FtpPool, session: FtpSession, target: FtpTarget, path: str,
+                     method: str) -> FtpResponse:
     code, lines = await session.command("CWD " + path)
     if not code.startswith("2"):
         return _error_for(code, lines)
-    entries = await _list(session, path)
-    if target.type == "d":
-        return _content(200, render_names(entries).encode(), "text/plain; charset=utf-8")
+    names_only = target.type == "d"
+    ctype = "text/plain; charset=utf-8" if names_only else "text/html; charset=utf-8"
+    if method == "HEAD":  # the listing's length is not known without listing: say what it is, no more
+        return FtpResponse(200, [("Content-Type", ctype)])
     title = target.origin + "/" + "".join(visible(s) + "/" for s in target.segments)
-    page = render_html(title, entries, parent=bool(target.segments))
-    return _content(200, page.encode(), "text/html; charset=utf-8")
+    reader, writer, mlsd = await _open_listing(session, path)
+    renderer = ListingRenderer(title, parent=bool(target.segments), mlsd=mlsd, names_only=names_only,
+                               now=datetime.now(UTC), codec=CODEC)
+    return FtpResponse(200, [("Content-Type", ctype)], transfer=_Transfer(pool, session, reader, writer, None, renderer))
 
 
-async def _list(session: FtpSession, path: str) -> list[Entry]:
+async def _open_listing(session: FtpSession, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+    """Start MLSD (else LIST) on a fresh data connection: (reader, writer, whether it is MLSD)."""
     # Any TYPE does for a listing; keep the current one to save a round trip.
     conn_type = session.type or "I"
     reader, writer = await session.open_data(conn_type)
@@ -316,25 +343,10 @@ async def _list(session: FtpSession, path: str) -> list[Entry]:
                 reader, writer = await session.open_data(conn_type)
         if not mlsd:
             await session.command("LIST " + path, "1xx")
-        data = bytearray()
-        while True:
-            async with asyncio.timeout(session.timeout):
-                chunk = await reader.read(65536)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > MAX_LISTING:
-                raise _ListingTooLarge
-    finally:
+    except BaseException:
         writer.close()
-    await session.command(None, "2xx", "1xx")
-    now = datetime.now(UTC)
-    entries = []
-    for line in data.decode(CODEC).splitlines():
-        entry = parse_mlsd_line(line) if mlsd else parse_list_line(line, now)
-        if entry is not None:
-            entries.append(entry)
-    return entries
+        raise
+    return reader, writer, mlsd
 
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -418,6 +430,10 @@ def _login_refused(target: FtpTarget, creds: Credentials, e: aioftp.StatusCodeEr
         realm = target.origin.replace("\\", "\\\\").replace('"', '\\"')
         return _text(401, message, [("WWW-Authenticate", f'Basic realm="{realm}"')])
     return _text(403, message)
+
+
+def _bad_reply(where: str, e: BadReply) -> FtpResponse:
+    return _text(502, f"bad reply from the FTP server {where}: {e}\n")
 
 
 def _os_reason(e: BaseException) -> str:

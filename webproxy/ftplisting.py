@@ -168,32 +168,104 @@ _STYLE = (
 )
 
 
-def render_html(title: str, entries: Iterable[Entry], *, parent: bool) -> str:
-    """An index page. `title` is what the heading shows (the URL without credentials, decoded);
-    `parent` adds the "../" link (every directory but the server's root)."""
+def _page_head(title: str, parent: bool) -> str:
     t = html.escape(title)
-    rows = []
-    if parent:
-        rows.append('<tr><td><a href="../">Parent directory</a></td><td class="s"></td><td></td></tr>')
-    for e in sorted_entries(entries):
-        label = visible(e.name) + ("/" if e.kind == "dir" else "")
-        when = e.modified.strftime("%Y-%m-%d %H:%M") if e.modified else ""
-        size = "" if e.kind == "dir" else format_size(e.size)
-        title_attr = f' title="{e.size} bytes"' if e.size is not None else ""
-        rows.append(
-            f'<tr><td><a href="{html.escape(href(e))}">{html.escape(label)}</a></td>'
-            f'<td class="s"{title_attr}>{html.escape(size)}</td><td>{when}</td></tr>'
-        )
-    body = "\n".join(rows)
-    return (
+    head = (
         "<!DOCTYPE html>\n"
         f'<html><head><meta charset="utf-8"><title>Index of {t}</title><style>{_STYLE}</style></head>\n'
         f"<body><h1>Index of {t}</h1>\n"
         "<table><thead><tr><th>Name</th><th>Size</th><th>Last modified (UTC)</th></tr></thead><tbody>\n"
-        f"{body}\n</tbody></table></body></html>\n"
     )
+    if parent:
+        head += '<tr><td><a href="../">Parent directory</a></td><td class="s"></td><td></td></tr>\n'
+    return head
+
+
+_PAGE_TAIL = "</tbody></table></body></html>\n"
+
+
+def _row(e: Entry) -> str:
+    label = visible(e.name) + ("/" if e.kind == "dir" else "")
+    when = e.modified.strftime("%Y-%m-%d %H:%M") if e.modified else ""
+    size = "" if e.kind == "dir" else format_size(e.size)
+    title_attr = f' title="{e.size} bytes"' if e.size is not None else ""
+    return (f'<tr><td><a href="{html.escape(href(e))}">{html.escape(label)}</a></td>'
+            f'<td class="s"{title_attr}>{html.escape(size)}</td><td>{when}</td></tr>\n')
+
+
+def _name_line(e: Entry) -> str:
+    return visible(e.name) + "\n"
+
+
+def render_html(title: str, entries: Iterable[Entry], *, parent: bool) -> str:
+    """An index page. `title` is what the heading shows (the URL without credentials, decoded);
+    `parent` adds the "../" link (every directory but the server's root)."""
+    return _page_head(title, parent) + "".join(_row(e) for e in sorted_entries(entries)) + _PAGE_TAIL
 
 
 def render_names(entries: Iterable[Entry]) -> str:
     """The ;type=d answer: one name per line, as the server spelled it (bad bytes replaced)."""
-    return "".join(visible(e.name) + "\n" for e in sorted_entries(entries))
+    return "".join(_name_line(e) for e in sorted_entries(entries))
+
+
+SORT_LIMIT = 5000  # entries held to sort a listing; a larger one is shown in the server's order
+LINE_LIMIT = 16 * 1024  # a longer listing line is no entry anyone can use: it is skipped
+
+
+class ListingRenderer:
+    """A listing rendered as its bytes arrive, in bounded memory (no whole listing is ever held).
+
+    `feed(data)` takes raw data-connection bytes and returns the text ready to send (often "");
+    `finish()` returns the rest. Up to SORT_LIMIT entries are held and then sent sorted, as
+    `render_html` / `render_names` would; past that, entries go out in the server's order as they
+    are parsed. Names are decoded with `codec` (the session's, see ftppool.CODEC).
+    """
+
+    def __init__(self, title: str, *, parent: bool, mlsd: bool, names_only: bool, now: datetime,
+                 codec: str) -> None:
+        self.head = "" if names_only else _page_head(title, parent)
+        self.tail = "" if names_only else _PAGE_TAIL
+        self.row = _name_line if names_only else _row
+        self.mlsd = mlsd
+        self.now = now
+        self.codec = codec
+        self.held: list[Entry] | None = []  # None once streaming in server order
+        self.partial = b""
+        self.skipping = False  # inside an over-long line, dropping bytes until its end
+
+    def _parse(self, raw: bytes) -> Entry | None:
+        line = raw.decode(self.codec)
+        return parse_mlsd_line(line) if self.mlsd else parse_list_line(line, self.now)
+
+    def _lines(self, data: bytes) -> list[bytes]:
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if self.skipping and lines:
+            lines.pop(0)
+            self.skipping = False
+        if len(self.partial) > LINE_LIMIT:
+            self.partial, self.skipping = b"", True
+        return [line for line in lines if len(line) <= LINE_LIMIT]
+
+    def _emit(self, entries: Iterable[Entry]) -> str:
+        if self.held is None:
+            return "".join(self.row(e) for e in entries)
+        self.held.extend(entries)
+        if len(self.held) <= SORT_LIMIT:
+            return ""
+        held, self.held = self.held, None
+        return self.head + "".join(self.row(e) for e in held)
+
+    def feed(self, data: bytes) -> str:
+        entries = [e for e in map(self._parse, self._lines(data)) if e is not None]
+        return self._emit(entries)
+
+    def finish(self) -> str:
+        last = [] if self.skipping or not self.partial else [self._parse(self.partial)]
+        self.partial = b""
+        out = self._emit(e for e in last if e is not None)
+        if self.held is not None:
+            held, self.held = self.held, None
+            out += self.head + "".join(self.row(e) for e in sorted_entries(held))
+        return out + self.tail

@@ -17,6 +17,8 @@ from typing import Any
 
 import aioftp
 
+from webproxy.ftpreply import BadReply, ReplyReader, epsv_port, pasv_port
+
 # Commands and replies are UTF-8 (RFC 2640), but old servers speak Latin-1 or worse. aioftp
 # encodes and decodes with `encoding` in strict mode; this codec is UTF-8 with surrogateescape, so
 # any byte sequence survives name -> str -> command unchanged (URLs are decoded the same way).
@@ -37,6 +39,36 @@ codecs.register(_codec_search)
 
 DATA_LIMIT = 256 * 1024  # stream buffer of a data connection: it pauses reading at twice this
 Key = tuple[str, int, str, str]
+
+
+class _BoundedClient(aioftp.Client):
+    """aioftp's client with every reply judged by ftpreply.ReplyReader: bounded in size, and read
+    whole within `reply_timeout` (aioftp bounds each line only, so a server sending one
+    continuation line a second could hold a request for ever)."""
+
+    reply_timeout: float | None = None
+
+    async def parse_response(self) -> tuple[aioftp.Code, list[str]]:
+        reader = ReplyReader()
+        loop = asyncio.get_running_loop()
+        deadline = None if self.reply_timeout is None else loop.time() + self.reply_timeout
+        while True:
+            # The deadline is checked here as well as enforced below: it must hold even if a
+            # cancellation racing a line's arrival were absorbed on the way.
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise TimeoutError("the FTP server's reply did not end in time")
+            try:
+                async with asyncio.timeout(left):
+                    raw = await self.stream.reader.readline()  # not aioftp's per-line wait_for
+            except ValueError:  # asyncio's line limit (64 KiB) overrun
+                raise BadReply("a reply line longer than 64 KiB") from None
+            if not raw:
+                self.stream.close()
+                raise ConnectionResetError("the FTP server closed the control connection")
+            done = reader.feed(raw.decode(self.encoding))
+            if done is not None:
+                return aioftp.Code(done[0]), done[1]
 
 
 class PoolClosed(Exception):
@@ -102,10 +134,10 @@ class FtpSession:
             try:
                 if name == "epsv":
                     _, lines = await self.command("EPSV", "229")
-                    _, port = self.client.parse_epsv_response(lines[-1])
+                    port = epsv_port(lines[-1])
                 else:
                     _, lines = await self.command("PASV", "227")
-                    _, port = self.client.parse_pasv_response(lines[-1])
+                    port = pasv_port(lines[-1])
                 break
             except aioftp.StatusCodeError as e:
                 if name == "epsv" and e.received_codes[-1].matches("50x") and "pasv" in self.passive:
@@ -186,7 +218,7 @@ class FtpPool:
 
     async def acquire(self, host: str, port: int, user: str, password: str) -> FtpSession:
         """A logged-in session, reused when one is idle. Raises what connecting or logging in
-        raised: OSError, TimeoutError, aioftp.StatusCodeError (login refused), PoolClosed."""
+        raised: OSError, TimeoutError, aioftp.StatusCodeError (login refused), BadReply, PoolClosed."""
         key = (host, port, user, password)
         while True:
             if self._closed:
@@ -236,9 +268,10 @@ class FtpPool:
 
     async def _login(self, key: Key) -> FtpSession:
         host, port, user, password = key
-        client = aioftp.Client(
+        client = _BoundedClient(
             socket_timeout=self.timeout, connection_timeout=self.timeout, encoding=CODEC
         )
+        client.reply_timeout = self.timeout
         session = FtpSession(client, key, self.timeout)
         try:
             address = await self._resolve(host, port) if self._resolve else host
@@ -247,6 +280,8 @@ class FtpPool:
             self.logins += 1
             with contextlib.suppress(aioftp.StatusCodeError):
                 session.home = str(await client.get_current_directory()) or "/"
+            if any(c in session.home for c in "\r\n\0"):  # it prefixes every path we send
+                raise BadReply("a PWD reply naming a directory with control characters")
         except BaseException:
             client.close()
             raise

@@ -119,8 +119,17 @@ def credentials(
     target: FtpTarget, headers: list[tuple[str, str]], anonymous_user: str, anonymous_password: str
 ) -> Credentials:
     """The URL's credentials first, then `Authorization: Basic`, then anonymous. A URL naming only
-    a user takes the password from the header (what a browser sends after our 401 prompt)."""
-    basic = _basic_auth(headers)
+    a user takes the password from the header (what a browser sends after our 401 prompt).
+    Raises FtpUrlError when the chosen user or password holds CR, LF or NUL: they would end the
+    USER/PASS command line early (RFC 959 5.3 "<CRLF>" ends a command) and smuggle another."""
+    creds = _choose(target, _basic_auth(headers), anonymous_user, anonymous_password)
+    if any(c in text for text in (creds.user, creds.password) for c in "\r\n\0"):
+        raise FtpUrlError("the FTP user name or password contains control characters (CR, LF or NUL)")
+    return creds
+
+
+def _choose(target: FtpTarget, basic: tuple[str, str] | None, anonymous_user: str,
+            anonymous_password: str) -> Credentials:
     if target.user is not None:
         if target.password is not None:
             return Credentials(target.user, target.password, "url")

@@ -114,6 +114,14 @@ def keep_open(wants: bool, draining: bool, served: int, max_requests: int, frami
     return not (max_requests and served >= max_requests)
 
 
+def answer_after_eof(in_message: bool, requests_waiting: bool) -> bool:
+    """The client half-closed (FIN): answer what it sent, then close? Yes when complete requests
+    are waiting and none is cut off: a FIN says "no more data from me" (RFC 9293 3.6), not "abort",
+    so a request followed by FIN is answered (RFC 9112 9.6 leaves closing to the answer's end).
+    A FIN inside a message (a head or body cut short) or with nothing to answer just closes."""
+    return requests_waiting and not in_message
+
+
 def connection_field(version: str, keep: bool) -> bytes:
     """The Connection line (and the blank line) ending a response head: HTTP/1.0 needs an explicit
     keep-alive, HTTP/1.1 an explicit close; otherwise nothing."""

@@ -2,9 +2,11 @@
 built once when the proxy starts. Every path ends in exactly one access-log line.
 
     client not allowed                  -> DENIED (403, close)
+    CONNECT on a redirected connection  -> BAD (400): it was going to its original destination
+    any target on a redirected conn.    -> TRANSPARENT (fetched from the original destination,
+                                           whatever the URL or Host names), LOOP if our Via is on it
     CONNECT host:port                   -> CONNECT
     origin-form, via our own Via        -> LOOP (508)
-    origin-form on a redirected conn.   -> TRANSPARENT
     origin-form, or a URL naming us     -> SELF (status page)
     http:// / ftp:// (FETCHERS)         -> the fetcher of that scheme
     a scheme we know but do not fetch   -> UNSUPPORTED (501);  anything else -> BAD (400)
@@ -60,12 +62,16 @@ def route(method: str, target: str, denied: bool, transparent: bool, looped: boo
     """Pure: which handler answers this request. `looped`: our own Via is on it already."""
     if denied:
         return Routed(Route.DENIED)
+    if transparent:
+        # An intercepted connection was going to its original destination: that is the only
+        # authority, so neither an absolute URL nor CONNECT may aim the proxy elsewhere.
+        if method == "CONNECT":
+            return Routed(Route.BAD, message="CONNECT is not accepted on an intercepted connection")
+        return Routed(Route.LOOP if looped else Route.TRANSPARENT)
     if method == "CONNECT":
         return Routed(Route.CONNECT)
     if target.startswith("/") or target == "*":
-        if looped:
-            return Routed(Route.LOOP)
-        return Routed(Route.TRANSPARENT if transparent else Route.SELF)
+        return Routed(Route.LOOP if looped else Route.SELF)
     try:
         t = parse_absolute_cached(target)
     except BadTarget as e:

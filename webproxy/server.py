@@ -337,6 +337,8 @@ async def run_server(cfg: config_mod.Config, sockets: list[socket.socket], metri
         loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     server.log_error(start_line(cfg, server.listen_addrs))
+    if _early_stop:  # SIGTERM/SIGINT arrived after the ports opened but before these handlers
+        server.request_stop()
     await server.serve_until_stopped()
     server.log_error("stopped")
 
@@ -375,9 +377,20 @@ def prepare(cfg: config_mod.Config) -> service.Identity | None:
     return ident
 
 
+_early_stop: list[int] = []  # stop signals received before the event loop's handlers exist
+
+
+def _remember_stop(sig: int, _frame: Any) -> None:
+    _early_stop.append(sig)
+
+
 def run(cfg: config_mod.Config) -> int:
     workers = max(1, cfg.server["workers"])
+    # Handlers before binding: a SIGTERM landing once the ports are open (a client may already be
+    # connected) must stop the proxy gracefully, exit 0, not kill it with the default action.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs the reload handler
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _remember_stop)
     pid_file = cfg.server["pid_file"]
     try:
         ident = prepare(cfg)
@@ -440,6 +453,8 @@ def _run_workers(cfg: config_mod.Config, per_worker: list[list[socket.socket]], 
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for sig in _early_stop:  # arrived while the workers were being started
+        forward(sig, None)
     code = 0
     for child in children:
         while True:
