@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "gopher": 70}
 
 
 class BadURL(ValueError):

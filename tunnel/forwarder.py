@@ -65,9 +65,14 @@ def admit(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: Sequence[Net
     """None to accept this client, or the reason to turn it away (for the log line)."""
     if not any(ip in net for net in allow):
         return "denied"
-    if s.max_connections and active >= s.max_connections:
+    return limit_refusal(active, active_from_client, s.max_connections, s.max_connections_per_client)
+
+
+def limit_refusal(active: int, active_from_client: int, max_total: int, max_per_client: int) -> str | None:
+    """None when one more connection fits the limits (0 = unlimited), else why not."""
+    if max_total and active >= max_total:
         return "refused-full"
-    if s.max_connections_per_client and active_from_client >= s.max_connections_per_client:
+    if max_per_client and active_from_client >= max_per_client:
         return "refused-per-client-limit"
     return None
 

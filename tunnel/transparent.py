@@ -16,12 +16,13 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
 
 from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, UpstreamRefused, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
+from tunnel.netaddr import is_local_address as _is_local_address
+from tunnel.netaddr import norm_ip as _norm
 from tunnel.origdst import original_dst, transparent_listener
 from tunnel.relay import relay
 
@@ -63,25 +64,6 @@ def looks_like_http(data: bytes) -> bool | None:
         if want.startswith(rest):
             return None
     return False
-
-
-@lru_cache(maxsize=256)
-def _is_local_address(ip: str) -> bool:
-    """Can we bind this address without IP_TRANSPARENT? Then it belongs to this machine."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            return False
-    return True
-
-
-def _norm(ip: str) -> str:
-    addr = ipaddress.ip_address(ip.strip("[]").split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
 
 
 def is_own_listener(dst: tuple[str, int], own: Sequence[tuple[str, int]]) -> bool:

@@ -1,4 +1,4 @@
-"""Plugs the optional layers (disk cache, ftp, transparent listeners, port forwarders) into a
+"""Plugs the optional layers (disk cache, ftp, gopher, transparent and SOCKS listeners, port forwarders) into a
 started ProxyServer, each according to its config section."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ if TYPE_CHECKING:
 
 
 async def attach_layers(server: ProxyServer) -> None:
-    """Raises StartupError (one line for the user) when a transparent or tunnel listener cannot bind."""
+    """Raises StartupError (one line for the user) when a transparent, SOCKS or tunnel listener cannot bind."""
     from webproxy.ftpgate import FtpGate
+    from webproxy.gophergate import GopherGate
 
     server.ftp_layer = FtpGate(server)
+    server.gopher_layer = GopherGate(server)
     if server.cfg.cache["enabled"]:
         from webproxy.caching import CacheLayer
 
@@ -25,6 +27,10 @@ async def attach_layers(server: ProxyServer) -> None:
     cfg = server.cfg
     if cfg.transparent["listen"]:
         await _start_transparent(server)
+    if cfg.socks["listen"]:
+        from webproxy.socksgate import start_socks
+
+        await start_socks(server)
     if cfg.tunnel:
         await _start_forwarders(server)
 

@@ -26,7 +26,9 @@ def _default_cache_dir() -> str:
 
 
 # Types understood by the checker. "size" takes an integer number of bytes or a string such as
-# "512 MiB"; "addr" is "host:port" ("[::1]:3128" for IPv6); "nets" is a list of CIDR networks.
+# "512 MiB"; "addr" is "host:port" ("[::1]:3128" for IPv6); "nets" is a list of CIDR networks
+# ("nets|local" also takes the word "local": every address of this machine); "choices:a,b" is a
+# list of some of a, b.
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "server": {
         "listen": ("addrs", ["127.0.0.1:3128"]),
@@ -101,10 +103,25 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "sniff_bytes": ("int", 4096),
         "sniff_timeout": ("float", 2.0),
     },
+    "socks": {
+        "listen": ("addrs", []),
+        "commands": ("choices:connect,udp,bind", ["connect", "udp", "bind"]),
+        "allow_ports": ("ints", []),
+        "deny_networks": ("nets|local", ["local", "127.0.0.0/8", "::1/128"]),
+        "max_connections": ("int", 1024),
+        "max_connections_per_client": ("int", 256),
+        "handshake_timeout": ("float", 10.0),
+        "idle_timeout": ("float", 600.0),
+    },
+    "gopher": {
+        "default_ttl": ("float", 3600.0),
+        "timeout": ("float", 30.0),
+    },
 }
 
 # Keys whose new value only takes effect after a restart (SIGHUP reports them).
-RESTART_KEYS = {"server.listen", "server.workers", "cache.directory", "transparent.listen", "transparent.mode"}
+RESTART_KEYS = {"server.listen", "server.workers", "cache.directory", "transparent.listen", "transparent.mode",
+                *(f"socks.{key}" for key in SCHEMA["socks"])}
 
 # Sections that are lists of tables; each entry is checked against its own schema.
 LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
@@ -180,6 +197,14 @@ def _check(kind: str, value: Any) -> Any:
         return parse_size(value)
     if kind == "addr":
         return parse_addr(value)
+    if kind.startswith("choices:"):
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of some of {kind[8:].replace(',', ', ')}")
+        return [_check("choice:" + kind[8:], v) for v in value]
+    if kind == "nets|local":
+        if not isinstance(value, list):
+            raise ValueError("expected a list of networks such as \"10.0.0.0/8\" or the word \"local\"")
+        return [v if v == "local" else _check("nets", [v])[0] for v in value]
     if kind in ("addrs", "strs", "ints", "nets"):
         if isinstance(value, str) and kind in ("addrs", "nets", "strs"):
             value = [value]
@@ -239,6 +264,8 @@ class Config:
     refresh: dict[str, Any]
     ftp: dict[str, Any]
     transparent: dict[str, Any]
+    socks: dict[str, Any]
+    gopher: dict[str, Any]
     tunnel: list[dict[str, Any]]
     path: str | None = None
 

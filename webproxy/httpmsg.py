@@ -72,7 +72,7 @@ class Target:
         return f"{self.scheme}://{self.connect or self.authority}{self.path}"
 
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "gopher": 70}
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9\-._~%!$&'()*+,;=]+))(?::(\d*))?$")
 

@@ -211,6 +211,7 @@ class ProxyServer:
             getattr(new, section).update(keep)
         new.cache = {**self.cfg.cache, **{k: v for k, v in new.cache.items() if f"cache.{k}" not in config_mod.RESTART_KEYS}}
         new.transparent = self.cfg.transparent
+        new.socks = self.cfg.socks  # the running SOCKS listener keeps its settings until a restart
         new.tunnel = self.cfg.tunnel
         self.accesslog.reopen(new.log["access_log"])  # always: after logrotate renamed the file too
         self.cfg = new
