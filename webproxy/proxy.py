@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from webproxy.server import ProxyServer
 
 # Schemes a client might send in absolute form that we know but do not fetch ourselves.
-_KNOWN_UNSUPPORTED = {"https", "ws", "wss", "gopher", "wais", "news", "nntp", "telnet"}
+_KNOWN_UNSUPPORTED = {"https", "ws", "wss", "wais", "news", "nntp", "telnet"}
 
 
 class Exchange:
@@ -96,6 +96,8 @@ class Proxy:
             return await self.http(conn, req, rw, ex, target)
         if target.scheme == "ftp":
             return await self.server.ftp(conn, req, rw, ex, target)
+        if target.scheme == "gopher" and self.server.gopher_layer is not None:
+            return await self.server.gopher_layer.handle(conn, req, rw, ex, target)
         if target.scheme in _KNOWN_UNSUPPORTED:
             return self._error(rw, ex, 501, f"this proxy does not fetch {target.scheme}:// URLs itself; "
                                "for https use CONNECT (set the proxy for https in your client)")

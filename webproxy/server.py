@@ -42,6 +42,7 @@ class ProxyServer:
         self.handler = self.proxy.handle
         self.cache_layer: Any = None
         self.ftp_layer: Any = None
+        self.gopher_layer: Any = None
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
         self.started = time.time()
@@ -133,6 +134,13 @@ class ProxyServer:
                 return await gate.open(url, None, target, method, headers)
 
             return target, ftp_opener
+        if target.scheme == "gopher":
+            gopher = self.gopher_layer
+
+            async def gopher_opener(method: str, headers: Any) -> Any:
+                return await gopher.open(None, target, method)
+
+            return target, gopher_opener
 
         async def http_opener(method: str, headers: Any) -> Any:
             fields = [(k, v) for k, v in headers if k.lower() not in ("host", "via")]
