@@ -194,6 +194,16 @@ def request_reply(port: int, cmd: int, host: str, dport: int, **kw: Any) -> int:
     return rep
 
 
+def associate(port: int, timeout: float = 5) -> tuple[socket.socket, socket.socket, tuple[str, int]]:
+    """UDP ASSOCIATE from 127.0.0.1 -> (control connection, the client's UDP socket, relay address)."""
+    ctl, rep, rhost, rport = open_session(port, 3, "0.0.0.0", 0)
+    assert rep == 0 and rport, rep
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(timeout)
+    return ctl, client, (rhost, rport)
+
+
 def udp_packet(host: str, port: int, data: bytes, frag: int = 0) -> bytes:
     return b"\x00\x00" + bytes([frag]) + addr_bytes(host, port) + data
 

@@ -14,6 +14,7 @@ from tests.socks_support import (
     SocksThread,
     TcpEcho,
     UdpEcho,
+    associate,
     open_session,
     parse_udp_packet,
     read_reply,
@@ -265,11 +266,8 @@ def test_udp_associate_relays_both_ways_and_drops_strangers_and_fragments(socks)
     udp = UdpEcho()
     s = socks()
     try:
-        ctl, rep, rhost, rport = open_session(s.port, UDP, "0.0.0.0", 0)
-        assert rep == 0 and rhost == "127.0.0.1" and rport
-        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        client.bind(("127.0.0.1", 0))
-        client.settimeout(5)
+        ctl, client, (rhost, rport) = associate(s.port)
+        assert rhost == "127.0.0.1"
         client.sendto(udp_packet("127.0.0.1", udp.port, b"one"), (rhost, rport))
         host, port, data = parse_udp_packet(client.recv(65535))
         assert (host, port, data) == ("127.0.0.1", udp.port, b"echo:one")
@@ -310,10 +308,7 @@ def test_udp_replies_from_unknown_hosts_are_not_let_in(socks):
     udp = UdpEcho()
     s = socks()
     try:
-        ctl, rep, rhost, rport = open_session(s.port, UDP, "0.0.0.0", 0)
-        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        client.bind(("127.0.0.1", 0))
-        client.settimeout(5)
+        ctl, client, (rhost, rport) = associate(s.port)
         client.sendto(udp_packet("127.0.0.1", udp.port, b"hi"), (rhost, rport))
         client.recv(65535)
         relay_out = udp.senders[-1]  # the relay's outside port, as the target sees it
@@ -345,10 +340,7 @@ def test_udp_to_an_ipv6_target_and_by_name(socks):
     udp4 = UdpEcho()
     s = socks()
     try:
-        ctl, rep, rhost, rport = open_session(s.port, UDP, "0.0.0.0", 0)
-        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        client.bind(("127.0.0.1", 0))
-        client.settimeout(5)
+        ctl, client, (rhost, rport) = associate(s.port)
         client.sendto(udp_packet("::1", udp6.port, b"six"), (rhost, rport))
         assert parse_udp_packet(client.recv(65535)) == ("::1", udp6.port, b"echo:six")
         client.sendto(b"\x00\x00\x00\x03\x09localhost" + udp4.port.to_bytes(2, "big") + b"named", (rhost, rport))
@@ -416,4 +408,4 @@ def test_garbage_and_truncated_negotiations_leave_no_session_behind(socks, echo)
     s.wait_records(len(junk), timeout=5)
     assert request_reply(s.port, CONNECT, "127.0.0.1", echo.port) == 0
     time.sleep(0.2)
-    assert s.server.active == 0 and s.server.per_client == {}
+    assert s.server.counts.total == 0 and s.server.counts.per_client == {}

@@ -19,6 +19,7 @@ from typing import Any
 
 from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, open_upstream
+from tunnel.listeners import ClientCounts, limit_refusal
 from tunnel.relay import DEFAULT_BUFFER, RelayResult, relay
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -68,15 +69,6 @@ def admit(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: Sequence[Net
     return limit_refusal(active, active_from_client, s.max_connections, s.max_connections_per_client)
 
 
-def limit_refusal(active: int, active_from_client: int, max_total: int, max_per_client: int) -> str | None:
-    """None when one more connection fits the limits (0 = unlimited), else why not."""
-    if max_total and active >= max_total:
-        return "refused-full"
-    if max_per_client and active_from_client >= max_per_client:
-        return "refused-per-client-limit"
-    return None
-
-
 def upstream_order(n: int, active: Sequence[int], next_rr: int, balance: str) -> list[int]:
     """Indexes of the upstreams in the order to try them: the chosen one first, then the rest
     (failover). Least-connections breaks ties round-robin so equal upstreams share the load."""
@@ -123,8 +115,7 @@ class Forwarder:
         self.resolve = resolve
         self.acceptor: Acceptor | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.active = 0
-        self.per_client: dict[Any, int] = {}
+        self.counts = ClientCounts()
         self.per_upstream = [0] * len(settings.upstreams)
         self.next_rr = 0
         self.address: tuple[str, int] | None = None
@@ -157,14 +148,13 @@ class Forwarder:
 
     def _on_accept(self, sock: socket.socket, addr: Any) -> None:
         ip = client_ip(addr)
-        reason = admit(ip, self.s.allow_clients, self.active, self.per_client.get(ip, 0), self.s)
+        reason = admit(ip, self.s.allow_clients, self.counts.total, self.counts.of(ip), self.s)
         if reason is not None:
             sock.close()
             self.log(log_line(addr, "-", None, reason))
             return
-        self.active += 1
-        self.per_client[ip] = self.per_client.get(ip, 0) + 1
-        if self.s.when_full == "wait" and self.s.max_connections and self.active >= self.s.max_connections:
+        self.counts.take(ip)
+        if self.s.when_full == "wait" and self.s.max_connections and self.counts.total >= self.s.max_connections:
             self.acceptor.pause()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -175,14 +165,9 @@ class Forwarder:
         task.add_done_callback(self.tasks.discard)
 
     def _release(self, ip: Any) -> None:
-        self.active -= 1
-        left = self.per_client[ip] - 1
-        if left:
-            self.per_client[ip] = left
-        else:
-            del self.per_client[ip]
+        self.counts.release(ip)
         if self.acceptor is not None and self.acceptor.paused and not self.acceptor.closed:
-            if not self.s.max_connections or self.active < self.s.max_connections:
+            if not self.s.max_connections or self.counts.total < self.s.max_connections:
                 self.acceptor.resume()
 
     async def _connect_any(self) -> tuple[socket.socket, int]:

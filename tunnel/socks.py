@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunnel import socksproto as sp
-from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, open_upstream, resolve_host
-from tunnel.forwarder import limit_refusal
+from tunnel.listeners import ClientCounts, ListenerSet, limit_refusal
 from tunnel.netaddr import is_local_address, norm_ip
 from tunnel.origdst import transparent_listener
 from tunnel.relay import RelayResult, relay
@@ -172,60 +171,30 @@ class SocksServer:
         self.resolve = resolve
         self.log = log or (lambda rec: logger.info("%s", rec))
         self.engine = engine
-        self.acceptors: list[Acceptor] = []
-        self.tasks: set[asyncio.Task] = set()
-        self.addresses: list[tuple[str, int]] = []
-        self.active = 0
-        self.per_client: dict[str, int] = {}
+        self.listeners = ListenerSet(self._on_accept)
+        self.counts = ClientCounts()
 
     def start(self) -> None:
         """Bind every listen address; raises OSError (the `listen` attribute names the address)."""
-        try:
-            for host, port in self.s.listen:
-                try:
-                    lsock = transparent_listener(host, port, tproxy=False)
-                except OSError as e:
-                    e.listen = (host, port)
-                    raise
-                self.addresses.append(lsock.getsockname()[:2])
-                acc = Acceptor(lsock, self._on_accept)
-                self.acceptors.append(acc)
-                acc.resume()
-        except BaseException:
-            for acc in self.acceptors:
-                acc.close()
-            raise
+        self.listeners.listen(self.s.listen)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.listeners.addresses
 
     async def close(self) -> None:
-        for acc in self.acceptors:
-            acc.close()
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.listeners.close()
 
-    # ---- admission ----------------------------------------------------------------------------
     def _on_accept(self, sock: socket.socket, addr: Any) -> None:
         ip = norm_ip(addr[0])
-        why = limit_refusal(self.active, self.per_client.get(ip, 0), self.s.max_connections,
+        why = limit_refusal(self.counts.total, self.counts.of(ip), self.s.max_connections,
                             self.s.max_connections_per_client)
         if why is not None:
             sock.close()
             self.log(SessionRecord(time.time(), ip, note=why))
             return
-        self.active += 1
-        self.per_client[ip] = self.per_client.get(ip, 0) + 1
-        task = asyncio.ensure_future(self._session(sock, ip))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def _release(self, ip: str) -> None:
-        self.active -= 1
-        left = self.per_client[ip] - 1
-        if left:
-            self.per_client[ip] = left
-        else:
-            del self.per_client[ip]
+        self.counts.take(ip)
+        self.listeners.spawn(self._session(sock, ip))
 
     # ---- one session --------------------------------------------------------------------------
     async def _session(self, sock: socket.socket, ip: str) -> None:
@@ -260,7 +229,7 @@ class SocksServer:
                     await conn.send(sp.encode_reply(sp.GENERAL_FAILURE))
         finally:
             sock.close()  # relay() may have closed it already; a second close is a no-op
-            self._release(ip)
+            self.counts.release(ip)
             self.log(rec)
 
     async def _negotiate(self, conn: _Conn, rec: SessionRecord) -> sp.Request | None:
@@ -292,11 +261,16 @@ class SocksServer:
             return await self._refuse(conn, rec, sp.NOT_ALLOWED, "client not in access.allow_clients")
         if req.command not in [COMMANDS[c] for c in self.s.commands]:
             return await self._refuse(conn, rec, sp.COMMAND_NOT_SUPPORTED, "command off in socks.commands")
-        if req.command != sp.BIND or not _is_zero(req.dst.host):
-            why = destination_refusal(req.dst, self.s, self.deny_domain) if req.command != sp.BIND \
-                else self.deny_domain(req.dst.host)
-            if why:
-                return await self._refuse(conn, rec, sp.NOT_ALLOWED, why)
+        # CONNECT names a destination; BIND the host expected to connect back (no port rule: an
+        # FTP server's data connection comes from another port); UDP ASSOCIATE the client's own
+        # address (each datagram's destination is checked on its way).
+        why = None
+        if req.command == sp.CONNECT:
+            why = destination_refusal(req.dst, self.s, self.deny_domain)
+        elif req.command == sp.BIND and not _is_zero(req.dst.host):
+            why = self.deny_domain(req.dst.host)
+        if why:
+            return await self._refuse(conn, rec, sp.NOT_ALLOWED, why)
         return req
 
     async def _refuse(self, conn: _Conn, rec: SessionRecord, reply: int, why: str) -> None:

@@ -18,12 +18,12 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, UpstreamRefused, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
+from tunnel.listeners import ListenerSet
 from tunnel.netaddr import is_local_address as _is_local_address
 from tunnel.netaddr import norm_ip as _norm
-from tunnel.origdst import original_dst, transparent_listener
+from tunnel.origdst import original_dst
 from tunnel.relay import relay
 
 logger = logging.getLogger("tunnel")
@@ -109,39 +109,23 @@ class TransparentListener:
         self.resolve = resolve
         self.log = log or (lambda line: logger.info("%s", line))
         self.engine = engine
-        self.acceptors: list[Acceptor] = []
-        self.tasks: set[asyncio.Task] = set()
-        self.addresses: list[tuple[str, int]] = []
+        self.listeners = ListenerSet(self._on_accept)
 
     def start(self) -> None:
         """Bind every listen address (raises OSError; IP_TRANSPARENT needs CAP_NET_ADMIN)."""
-        try:
-            for host, port in self.listen:
-                lsock = transparent_listener(host, port, tproxy=self.mode == "tproxy")
-                addr = lsock.getsockname()[:2]
-                self.addresses.append(addr)
-                self.own.append(addr)
-                acc = Acceptor(lsock, self._on_accept)
-                self.acceptors.append(acc)
-                acc.resume()
-        except BaseException:
-            for acc in self.acceptors:
-                acc.close()
-            raise
+        self.listeners.listen(self.listen, tproxy=self.mode == "tproxy")
+        self.own.extend(self.listeners.addresses)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.listeners.addresses
 
     async def close(self) -> None:
-        for acc in self.acceptors:
-            acc.close()
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.listeners.close()
 
     def _on_accept(self, sock: socket.socket, addr: Any) -> None:
         # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; callers want plain a.b.c.d.
-        task = asyncio.ensure_future(self._handle(sock, (_norm(addr[0]), addr[1])))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.listeners.spawn(self._handle(sock, (_norm(addr[0]), addr[1])))
 
     async def _sniff(self, sock: socket.socket) -> tuple[bytes, bool]:
         """Read until the bytes say HTTP or not, `sniff_bytes` are in, or `sniff_timeout` passes.

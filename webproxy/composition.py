@@ -1,9 +1,10 @@
-"""Plugs the optional layers (disk cache, ftp, gopher, transparent and SOCKS listeners, port forwarders) into a
-started ProxyServer, each according to its config section."""
+"""Plugs the optional layers (disk cache, ftp, gopher, transparent and SOCKS listeners, port
+forwarders) into a started ProxyServer, each according to its config section."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from webproxy.server import ProxyServer
@@ -28,9 +29,7 @@ async def attach_layers(server: ProxyServer) -> None:
     if cfg.transparent["listen"]:
         await _start_transparent(server)
     if cfg.socks["listen"]:
-        from webproxy.socksgate import start_socks
-
-        await start_socks(server)
+        await _start_socks(server)
     if cfg.tunnel:
         await _start_forwarders(server)
 
@@ -59,22 +58,36 @@ async def _start_transparent(server: ProxyServer) -> None:
     server.closers.append(listener.close)
 
 
+async def _start_socks(server: ProxyServer) -> None:
+    from webproxy.socksgate import serve
+
+    await _start_serving(server, lambda started: serve(server, started), "socks.listen")
+
+
 async def _start_forwarders(server: ProxyServer) -> None:
+    from tunnel.forwarder import serve_forwarders
+
+    await _start_serving(server, lambda started: serve_forwarders(
+        server.cfg.tunnel, log=lambda line: server.log_error(line, "info"), resolve=server.resolve,
+        started=started))
+
+
+async def _start_serving(server: ProxyServer, serve: Callable[[Callable[..., Any]], Awaitable[None]],
+                         key: str = "server.listen") -> None:
+    """Run `serve(started)` (it calls started() once listening) until shutdown. Raises StartupError
+    naming `key` when it cannot bind."""
     import asyncio
 
-    from tunnel.forwarder import serve_forwarders
     from webproxy.server import StartupError, _listen_error
 
     started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    task = asyncio.ensure_future(serve_forwarders(
-        server.cfg.tunnel, log=lambda line: server.log_error(line, "info"), resolve=server.resolve,
-        started=lambda *_: started.done() or started.set_result(None)))
+    task = asyncio.ensure_future(serve(lambda *_: started.done() or started.set_result(None)))
     done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         e = task.exception()
         if isinstance(e, OSError):
             host, port = getattr(e, "listen", ("?", 0))
-            raise StartupError(_listen_error(host, port, e)) from None
+            raise StartupError(_listen_error(host, port, e).replace("server.listen", key)) from None
         if e is not None:
             raise e
 

@@ -3,8 +3,8 @@ resolver, and one Squid-format access-log line per session."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from tunnel import socksproto
@@ -31,10 +31,8 @@ def log_fields(rec: SessionRecord) -> tuple[str, int, int, str, str, str, str]:
     return tag, status, rec.up + rec.down, f"SOCKS5-{rec.command}", rec.target, hierarchy, user
 
 
-async def start_socks(server: ProxyServer) -> None:
-    """Bind [socks] listen and serve until shutdown. Raises StartupError when it cannot bind."""
-    from webproxy.server import StartupError, _listen_error
-
+def serve(server: ProxyServer, started: Callable[..., Any]) -> Coroutine[Any, Any, None]:
+    """The SOCKS listener of `server.cfg.socks`, serving until cancelled (composition runs it)."""
     cfg = server.cfg
     settings = SocksSettings.from_section(cfg.socks, cfg.upstream["connect_timeout"])
 
@@ -44,24 +42,9 @@ async def start_socks(server: ProxyServer) -> None:
         if rec.note:
             server.log_error(f"socks {method} {rec.client} -> {url}: {rec.note}", "debug")
 
-    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     # The access rules are read at each session, so SIGHUP changes to [access] apply at once.
-    task = asyncio.ensure_future(serve_socks(
+    return serve_socks(
         settings, allow_client=lambda ip: client_allowed(ip, server.cfg.access["allow_clients"]),
         deny_domain=lambda host: domain_denied(host, server.cfg.access),
         verify=None,  # issue 10 hook: the [auth] backend's async verify(user, password) -> bool
-        resolve=server.resolve, log=log, started=lambda _: started.done() or started.set_result(None)))
-    done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        e = task.exception()
-        if isinstance(e, OSError):
-            host, port = getattr(e, "listen", ("?", 0))
-            raise StartupError(_listen_error(host, port, e).replace("server.listen", "socks.listen")) from None
-        if e is not None:
-            raise e
-
-    async def stop() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    server.closers.append(stop)
+        resolve=server.resolve, log=log, started=started)
