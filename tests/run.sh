@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=""
-  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps; do
+  # socat + gophernicus: the gopher tests' server; ip: network namespaces (transparent, SOCKS reply codes)
+  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps socat:socat gophernicus:gophernicus; do
     command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
   done
   if [ -n "$need" ]; then
