@@ -319,8 +319,8 @@ def start_proxy(bench: Bench, connect_ports: list[int]) -> int | None:
 class Table:
     """One measurement across paths: every round's value per path, printed best-of with the range."""
 
-    def __init__(self, key: str, title: str, unit: str):
-        self.key, self.title, self.unit = key, title, unit
+    def __init__(self, key: str, title: str, unit: str, baseline: str = "socat"):
+        self.key, self.title, self.unit, self.baseline = key, title, unit, baseline
         self.values: dict[str, list[float]] = {}
         self.failed: dict[str, str] = {}
 
@@ -337,14 +337,14 @@ class Table:
 
     def print(self) -> None:
         print(f"\n{self.title}")
-        base = self.best("socat")
+        base = self.best(self.baseline)
         for name in [*self.values, *(n for n in self.failed if n not in self.values)]:
             if name in self.failed:
                 print(f"  {name:18s} {'n/a':>10s} {self.unit:8s}  ({self.failed[name]})")
                 continue
             vals = self.values[name]
             spread = f"[{min(vals):.1f}..{max(vals):.1f}]" if len(vals) > 1 else ""
-            ratio = f"{self.best(name) / base:.2f}x socat" if base and name != "socat" else ""
+            ratio = f"{self.best(name) / base:.2f}x {self.baseline}" if base and name != self.baseline else ""
             print(f"  {name:18s} {self.best(name):10.2f} {self.unit:8s} {spread:>18s}  {ratio}")
 
 
