@@ -13,7 +13,6 @@ from tunnel.socks import SessionRecord, SocksSettings, address_refusal, destinat
 from webproxy.config import from_dict
 from webproxy.socksgate import log_fields
 
-
 # -- method negotiation (RFC 1928 section 3) ------------------------------------------------------
 
 def test_greeting_needs_all_its_bytes():

@@ -54,12 +54,12 @@ class ListenerSet:
         self.tasks: set[asyncio.Task] = set()
         self.addresses: list[tuple[str, int]] = []
 
-    def listen(self, addrs: Sequence[tuple[str, int]], *, tproxy: bool = False) -> None:
+    def listen(self, addrs: Sequence[tuple[str, int]], *, tproxy: bool = False, reuse_port: bool = False) -> None:
         """Bind every address or none: raises OSError with a `listen` attribute naming the address."""
         try:
             for host, port in addrs:
                 try:
-                    lsock = transparent_listener(host, port, tproxy=tproxy)
+                    lsock = transparent_listener(host, port, tproxy=tproxy, reuse_port=reuse_port)
                 except OSError as e:
                     e.listen = (host, port)
                     raise

@@ -20,6 +20,7 @@ def is_local_address(ip: str) -> bool:
     return True
 
 
+@lru_cache(maxsize=4096)
 def norm_ip(ip: str) -> str:
     """An address as one spelling: no brackets or zone, IPv4-mapped IPv6 as plain IPv4."""
     addr = ipaddress.ip_address(ip.strip("[]").split("%")[0])

@@ -34,7 +34,7 @@ def log_fields(rec: SessionRecord) -> tuple[str, int, int, str, str, str, str]:
 def serve(server: ProxyServer, started: Callable[..., Any]) -> Coroutine[Any, Any, None]:
     """The SOCKS listener of `server.cfg.socks`, serving until cancelled (composition runs it)."""
     cfg = server.cfg
-    settings = SocksSettings.from_section(cfg.socks, cfg.upstream["connect_timeout"])
+    settings = SocksSettings.from_section(cfg.socks, cfg.upstream["connect_timeout"], cfg.server["workers"])
 
     def log(rec: SessionRecord) -> None:
         tag, status, nbytes, method, url, hierarchy, user = log_fields(rec)
