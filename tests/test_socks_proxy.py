@@ -258,3 +258,12 @@ def netns_proxy(tmp_path_factory):
 ])
 def test_reply_codes_from_real_routes(netns_proxy, host, code, meaning):
     assert netns_proxy(host, 9) == code, meaning
+
+
+def test_socks_listener_runs_in_every_worker(make_proxy, echo):
+    port = free_port()
+    p = make_proxy({"server": {"workers": 2}, "socks": {"listen": [f"127.0.0.1:{port}"], "deny_networks": []},
+                    "cache": {"enabled": False}})
+    for _ in range(6):
+        assert request_reply(port, CONNECT, "127.0.0.1", echo.port) == 0
+    assert "already in use" not in p.stderr()
