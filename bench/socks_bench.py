@@ -27,10 +27,9 @@ import asyncio
 import shutil
 import socket
 import sys
-import time
 
-from common import Bench, PeerFailed, exit_on_signals, explain_failure, machine_note, progress, run_async
-from tunnel_bench import REQUEST_1K, STREAM_BLOCK, Procs, Table, free_port, nginx_conf, wait_port
+from common import Bench, PeerFailed, exit_on_signals, explain_failure, machine_note, progress
+from tunnel_bench import REQUEST_1K, Procs, Table, free_port, nginx_conf, rate, timed_send, wait_port
 
 PEERS = ("webproxy", "dante", "microsocks")
 
@@ -134,27 +133,7 @@ def open_socks(port: int | None, target: int) -> socket.socket:
 
 
 def stream(port: int | None, sink: int, nbytes: int) -> float:
-    s = open_socks(port, sink)
-    try:
-        start = time.perf_counter()
-        s.sendall(nbytes.to_bytes(8, "big"))
-        left = nbytes
-        while left:
-            n = min(left, len(STREAM_BLOCK))
-            s.sendall(STREAM_BLOCK[:n])
-            left -= n
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = s.recv(64)
-            if not chunk:
-                break
-            answer += chunk
-        elapsed = time.perf_counter() - start
-    finally:
-        s.close()
-    if answer.strip() != str(nbytes).encode():
-        raise RuntimeError(f"the sink read {answer.strip().decode() or 'nothing'}, not {nbytes} bytes")
-    return nbytes * 8 / elapsed / 1e9
+    return timed_send(open_socks(port, sink), nbytes, length_prefix=True)
 
 
 async def _one_session(port: int | None, target: int) -> None:
@@ -176,31 +155,8 @@ async def _one_session(port: int | None, target: int) -> None:
         writer.close()
 
 
-async def _sessions(port: int | None, target: int, seconds: float, concurrency: int) -> tuple[float, int, str]:
-    done = errors = 0
-    first_error = ""
-    deadline = time.monotonic() + seconds
-
-    async def worker() -> None:
-        nonlocal done, errors, first_error
-        while time.monotonic() < deadline:
-            try:
-                await asyncio.wait_for(_one_session(port, target), 30)
-                done += 1
-            except (TimeoutError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
-                errors += 1
-                first_error = first_error or f"{type(e).__name__}: {e}"
-
-    start = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.monotonic() - start), errors, first_error
-
-
 def sessions(port: int | None, target: int, seconds: float, concurrency: int) -> float:
-    rate, errors, first = run_async(_sessions(port, target, seconds, concurrency))
-    if errors:
-        print(f"    (port {port}: {errors} failed sessions, first: {first})", file=sys.stderr)
-    return rate
+    return rate(lambda: _one_session(port, target), seconds, concurrency, f"port {port} sessions")
 
 
 # --- the run --------------------------------------------------------------------------------

@@ -189,15 +189,23 @@ STREAM_BLOCK = memoryview(bytes(1 << 20))
 
 def stream(port: int, connect_to: int | None, nbytes: int) -> float:
     """Send nbytes to the sink over one connection; Gbit/s from the first byte to the sink's count."""
-    s = open_path(port, connect_to)
+    return timed_send(open_path(port, connect_to), nbytes)
+
+
+def timed_send(s: socket.socket, nbytes: int, length_prefix: bool = False) -> float:
+    """Send nbytes on `s` (after an 8-byte length when `length_prefix`, else followed by a
+    half-close), wait for the sink's count, close; Gbit/s."""
     try:
         start = time.perf_counter()
+        if length_prefix:
+            s.sendall(nbytes.to_bytes(8, "big"))
         left = nbytes
         while left:
             n = min(left, len(STREAM_BLOCK))
             s.sendall(STREAM_BLOCK[:n])
             left -= n
-        s.shutdown(socket.SHUT_WR)
+        if not length_prefix:
+            s.shutdown(socket.SHUT_WR)
         answer = b""
         while not answer.endswith(b"\n"):
             chunk = s.recv(64)
@@ -241,7 +249,9 @@ async def _one_tunnel(port: int, connect_to: int | None) -> None:
         writer.close()
 
 
-async def _tunnels(port: int, connect_to: int | None, seconds: float, concurrency: int) -> tuple[float, int, str]:
+async def _rate(one, seconds: float, concurrency: int) -> tuple[float, int, str]:
+    """Run the coroutine function `one` back to back in `concurrency` workers for `seconds`:
+    (completed per second, failures, the first failure)."""
     done = errors = 0
     first_error = ""
     deadline = time.monotonic() + seconds
@@ -250,7 +260,7 @@ async def _tunnels(port: int, connect_to: int | None, seconds: float, concurrenc
         nonlocal done, errors, first_error
         while time.monotonic() < deadline:
             try:
-                await asyncio.wait_for(_one_tunnel(port, connect_to), 30)
+                await asyncio.wait_for(one(), 30)
                 done += 1
             except (TimeoutError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
                 errors += 1
@@ -261,12 +271,17 @@ async def _tunnels(port: int, connect_to: int | None, seconds: float, concurrenc
     return done / (time.monotonic() - start), errors, first_error
 
 
+def rate(one, seconds: float, concurrency: int, what: str) -> float:
+    """Completions of `one()` per second (see _rate); failures are reported on stderr."""
+    per_second, errors, first = run_async(_rate(one, seconds, concurrency))
+    if errors:
+        print(f"    ({what}: {errors} failed, first: {first})", file=sys.stderr)
+    return per_second
+
+
 def tunnels(port: int, connect_to: int | None, seconds: float, concurrency: int) -> float:
     """Completed open/[CONNECT]/GET 1 KiB/close cycles per second over `seconds`."""
-    rate, errors, first = run_async(_tunnels(port, connect_to, seconds, concurrency))
-    if errors:
-        print(f"    (port {port}: {errors} failed tunnels, first: {first})", file=sys.stderr)
-    return rate
+    return rate(lambda: _one_tunnel(port, connect_to), seconds, concurrency, f"port {port} tunnels")
 
 
 # --- peers ----------------------------------------------------------------------------------

@@ -268,11 +268,15 @@ class SocksServer:
             assert self.verify is not None
             user, password = await conn.read(sp.parse_userpass)
             rec.user = user
-            ok = await self.verify(user, password)
+            try:
+                ok = await self.verify(user, password)
+            except Exception as e:  # a backend that fails (LDAP down...) refuses, in RFC 1929 terms
+                rec.note = f"auth-error ({e!r})"
+                ok = False
             # RFC 1929 section 2: on failure the server MUST close the connection.
             await conn.send(sp.USERPASS_OK if ok else sp.USERPASS_FAILED)
             if not ok:
-                rec.note = "auth-failed"
+                rec.note = rec.note or "auth-failed"
                 rec.reply = sp.NOT_ALLOWED
                 return None
         req = await conn.read(sp.parse_request)
