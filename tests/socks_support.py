@@ -20,6 +20,7 @@ class SocksThread:
     `users` turns on RFC 1929 with a verifier that accepts exactly those user/password pairs."""
 
     def __init__(self, host: str = "127.0.0.1", users: dict[str, str] | None = None,
+                 verify: Callable[[str, str], Any] | None = None,
                  allow_client: Callable[[str], bool] = lambda ip: True,
                  deny_domain: Callable[[str], str | None] = lambda host: None, **settings: Any) -> None:
         settings.setdefault("deny_networks", [])
@@ -27,6 +28,7 @@ class SocksThread:
         self.settings = SocksSettings(listen=[(host, 0)], **settings)
         self.records: list[SessionRecord] = []
         self.users = users
+        self.verify = verify  # an async verify(user, password) used as given (overrides `users`)
         self.allow_client, self.deny_domain = allow_client, deny_domain
         try:  # the loop production runs on
             import uvloop
@@ -44,8 +46,8 @@ class SocksThread:
         return self
 
     async def _start(self) -> None:
-        verify = None
-        if self.users is not None:
+        verify = self.verify
+        if self.users is not None and verify is None:
             users = self.users
 
             async def verify(user: str, password: str) -> bool:

@@ -99,6 +99,18 @@ def test_wrong_password_is_refused_and_the_connection_closed(socks, origin: Orig
     assert c.recv(1) == b""
 
 
+def test_a_failing_password_backend_refuses_instead_of_crashing(socks, echo):
+    async def broken(user: str, password: str) -> bool:
+        raise ConnectionError("directory server down")
+
+    s = socks(verify=broken)
+    with pytest.raises(PermissionError):
+        open_session(s.port, CONNECT, "127.0.0.1", echo.port, auth=("alice", "pw"))
+    assert "directory server down" in s.wait_records(1)[-1].note
+    s2 = socks(users={"alice": "pw"})
+    assert request_reply(s2.port, CONNECT, "127.0.0.1", echo.port, auth=("alice", "pw")) == 0
+
+
 def test_client_without_an_acceptable_method_gets_ff_and_is_closed(socks):
     s = socks(users={"alice": "pw"})
     c = socket.create_connection(("127.0.0.1", s.port), 5)
@@ -199,6 +211,10 @@ def test_refusal_codes_on_loopback(socks, echo):
     assert request_reply(s.port, CONNECT, "www.blocked.example", echo.port) == 0x02  # domain filter
     assert request_reply(s.port, BIND, "127.0.0.1", 0) == 0x07  # BIND switched off in commands
     assert request_reply(s.port, 0x09, "127.0.0.1", echo.port) == 0x07  # no such command
+    c = socket.create_connection(("127.0.0.1", s.port), 5)
+    c.sendall(b"\x05\x01\x00" + b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50")  # request version 4
+    assert recv_exact(c, 2) == b"\x05\x00"
+    assert read_reply(c)[0] == 0x01  # general failure
     c = socket.create_connection(("127.0.0.1", s.port), 5)
     c.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x07\x00\x00")  # address type 7
     assert recv_exact(c, 2) == b"\x05\x00"
