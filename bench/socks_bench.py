@@ -1,11 +1,11 @@
 """Benchmark SOCKS5 CONNECT: webproxy's [socks] listener beside Dante and microsocks, same run.
 
     python3 bench/socks_bench.py [--seconds 5] [--rounds 2] [--connections 50] [--stream-gib 1]
-                                 [--only webproxy,dante,microsocks] [--keep]
+                                 [--only webproxy,dante,microsocks] [--workers 1] [--keep]
 
 Paths, each to the same target on loopback:
   direct      the target itself (the ceiling)
-  webproxy    `python3 -m webproxy run` with `[socks] listen`, one worker, no access log, cache off
+  webproxy    `python3 -m webproxy run` with `[socks] listen`, --workers (1), no access log, cache off
   dante       `danted` (Debian dante-server), method none, CONNECT only
   microsocks  `microsocks` (Debian), no authentication
 
@@ -64,10 +64,10 @@ def connect_request(target: int) -> bytes:
 # --- peers ----------------------------------------------------------------------------------
 
 
-def start_webproxy(bench: Bench) -> int:
+def start_webproxy(bench: Bench, workers: int = 1) -> int:
     port = free_port()
     # deny_networks = []: the target is on loopback, which the shipped defaults refuse.
-    bench.start_webproxy(cache=False, extra_toml=f'\n[socks]\nlisten = ["127.0.0.1:{port}"]\ndeny_networks = []\n'
+    bench.start_webproxy(cache=False, workers=workers, extra_toml=f'\n[socks]\nlisten = ["127.0.0.1:{port}"]\ndeny_networks = []\n'
                                                  "idle_timeout = 0.0\n\n[refresh]\nenabled = false\n")
     return port
 
@@ -169,6 +169,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="repeat each measurement, keep the best")
     ap.add_argument("--stream-gib", type=float, default=1.0, help="GiB per stream figure (default 1)")
     ap.add_argument("--only", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="webproxy server.workers (Dante forks, microsocks runs a thread per client)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (configs, logs)")
     args = ap.parse_args()
     only = [p for p in args.only.split(",") if p]
@@ -202,7 +204,7 @@ def main() -> int:
             for name in only:
                 progress(f"starting {name}")
                 try:
-                    paths[name] = STARTERS[name](bench)
+                    paths[name] = start_webproxy(bench, args.workers) if name == "webproxy" else STARTERS[name](bench)
                 except PeerFailed as e:
                     print(f"{name}: n/a ({explain_failure(str(e))})", file=sys.stderr)
             nbytes = int(args.stream_gib * (1 << 30))

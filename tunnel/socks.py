@@ -215,6 +215,10 @@ class SocksServer:
             self.log(SessionRecord(time.time(), ip, note=why))
             return
         self.counts.take(ip)
+        try:  # replies and relayed bytes go out at once (no Nagle wait on the client's delayed ACK)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.listeners.spawn(self._session(sock, ip))
 
     # ---- one session --------------------------------------------------------------------------
