@@ -143,7 +143,14 @@ class _Conn:
             if len(self.buf) > 1024:
                 raise sp.SocksError("negotiation message too long", None)
             try:
-                data = await self.loop.sock_recv(self.sock, _RECV)
+                # The bytes are often there already (a greeting right behind the connect): take
+                # them without a trip through the loop.
+                data = self.sock.recv(_RECV)
+            except BlockingIOError:
+                try:
+                    data = await self.loop.sock_recv(self.sock, _RECV)
+                except OSError:
+                    raise _Closed() from None
             except OSError:
                 raise _Closed() from None
             if not data:
