@@ -29,30 +29,9 @@ import socket
 import sys
 
 from common import Bench, PeerFailed, exit_on_signals, explain_failure, machine_note, progress
-from tunnel_bench import REQUEST_1K, Procs, Table, free_port, nginx_conf, rate, timed_send, wait_port
+from tunnel_bench import REQUEST_1K, SINK, Procs, Table, free_port, nginx_conf, rate, timed_send, wait_port
 
 PEERS = ("webproxy", "dante", "microsocks")
-
-# The stream sink: reads an 8-byte length, then that many bytes, then answers with the count.
-# (Not EOF-delimited as tunnel_bench's sink: microsocks does not pass a half-close on.)
-SIZED_SINK = """
-import socket, sys, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1])))
-srv.listen(64)
-def serve(c):
-    want = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "big")
-    buf = bytearray(1 << 20)
-    total = 0
-    while total < want and (n := c.recv_into(buf, min(len(buf), want - total))):
-        total += n
-    c.sendall(b"%d\\n" % total)
-    c.close()
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
 GREETING = b"\x05\x01\x00"
 
 
@@ -193,7 +172,7 @@ def main() -> int:
         exit_on_signals()
         try:
             sink = free_port()
-            procs.start([sys.executable, "-c", SIZED_SINK, str(sink)])
+            procs.start([sys.executable, "-c", SINK, str(sink), "sized"])
             wait_port(sink)
             nport = free_port()
             root = bench.dir / "nginx"

@@ -61,16 +61,20 @@ PARTS = ("iperf", "stream", "wrk", "tunnels")
 CONNECT_ROW = "webproxy-CONNECT"
 
 # The stream sink: reads each connection to EOF, then answers with the byte count it read.
+# With a second argument "sized" it reads an 8-byte length first and stops there instead of at
+# EOF (for relays that do not pass a half-close on, such as microsocks).
 SINK = """
 import socket, sys, threading
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", int(sys.argv[1])))
 srv.listen(64)
+sized = sys.argv[2:] == ["sized"]
 def serve(c):
+    want = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "big") if sized else 1 << 62
     buf = bytearray(1 << 20)
     total = 0
-    while n := c.recv_into(buf):
+    while total < want and (n := c.recv_into(buf, min(len(buf), want - total))):
         total += n
     c.sendall(b"%d\\n" % total)
     c.close()

@@ -204,7 +204,13 @@ def _check(kind: str, value: Any) -> Any:
     if kind == "nets|local":
         if not isinstance(value, list):
             raise ValueError("expected a list of networks such as \"10.0.0.0/8\" or the word \"local\"")
-        return [v if v == "local" else _check("nets", [v])[0] for v in value]
+        nets: list[Any] = []
+        for v in value:
+            try:
+                nets.append(v if v == "local" else ipaddress.ip_network(v, strict=False))
+            except (ValueError, TypeError):
+                raise ValueError(f"{v!r} is neither a network such as \"10.0.0.0/8\" nor the word \"local\"") from None
+        return nets
     if kind in ("addrs", "strs", "ints", "nets"):
         if isinstance(value, str) and kind in ("addrs", "nets", "strs"):
             value = [value]
