@@ -53,8 +53,15 @@ class Gophernicus:
         return f"gopher://127.0.0.1:{self.port}"
 
     def requests(self) -> int:
-        time.sleep(0.1)  # each connection's gophernicus writes its line as it exits
-        return len(self.log.read_text().splitlines())
+        """Lines in the access log once it has stopped growing: each connection's gophernicus
+        writes its line as it exits, a moment after the answer."""
+        count = -1
+        while True:
+            time.sleep(0.3)
+            now = len(self.log.read_text().splitlines())
+            if now == count:
+                return now
+            count = now
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -219,3 +226,36 @@ def test_domain_filter_applies_to_gopher(make_proxy, gopherd):
     p = make_proxy({"access": {"deny_domains": ["127.0.0.1"]}})
     status, _, body = get(p, f"{gopherd.url}/")
     assert status == 403 and b"blocked" in body
+
+
+def test_an_answer_ending_in_its_dot_line_is_complete_even_if_the_server_keeps_the_connection(gproxy):
+    # RFC 1436 section 3.8: the "." line ends a menu or a text; some servers then wait for the client.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)
+            selector = c.recv(1024)
+            if selector.startswith(b"/menu"):
+                c.sendall(b"0Text\t/text\t127.0.0.1\t%d\r\n.\r\n" % srv.getsockname()[1])
+            else:
+                c.sendall(b"some text\r\n.\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        # Waiting for the close instead would end in gopher.timeout: a 504, or a cut-off text.
+        status, _, page = get(gproxy, f"gopher://127.0.0.1:{srv.getsockname()[1]}/1/menu")
+        assert status == 200 and b">Text</a>" in page
+        status, _, body = get(gproxy, f"gopher://127.0.0.1:{srv.getsockname()[1]}/0/text")
+        assert status == 200 and body == b"some text\r\n"
+    finally:
+        srv.close()
+        for c in held:
+            c.close()

@@ -40,6 +40,12 @@ _ERROR_PEEK = 4096  # a reply starting with "3" this short is read whole to see 
 _TEXT_END = ((b"\r\n.\r\n", 2), (b"\n.\r\n", 1), (b"\n.\n", 1))
 
 
+def _ends_with_lastline(data: bytes) -> bool:
+    """Has the "." line that ends a menu or a text arrived (RFC 1436 section 3.8)? Then the answer is
+    complete even when a server keeps the connection open."""
+    return data.endswith((b"\n.\r\n", b"\n.\n")) or data in (b".\r\n", b".\n")
+
+
 class _Failed(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -76,7 +82,7 @@ class GopherOriginResponse(OriginResponse):
             return
         # Text: hold back the last few bytes, so the terminating "." line can be dropped at the end.
         held = self._first
-        while data := await self._read():
+        while not _ends_with_lastline(held) and (data := await self._read()):
             held += data
             if len(held) > 8:
                 yield held[:-8]
@@ -160,7 +166,7 @@ async def _exchange(item: GopherUrl, reader: asyncio.StreamReader, writer: async
             await writer.drain()
             if item.item_type in MENU_TYPES:
                 data = await reader.read(CHUNK)
-                while len(data) <= MAX_MENU and (more := await reader.read(CHUNK)):
+                while len(data) <= MAX_MENU and not _ends_with_lastline(data) and (more := await reader.read(CHUNK)):
                     data += more
                 if len(data) > MAX_MENU:
                     raise _Failed(502, f"the menu is larger than {MAX_MENU >> 20} MiB")
