@@ -67,6 +67,15 @@ class SocksThread:
             time.sleep(0.02)
         return list(self.records)
 
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """True once no session is open (the server has seen every client go)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.server is not None and self.server.counts.total and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.server is not None and self.server.counts.total == 0 and not self.server.counts.per_client
+
     def stop(self) -> None:
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)

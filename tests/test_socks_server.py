@@ -272,7 +272,7 @@ def test_per_client_limit_closes_extra_connections(socks, echo):
     assert s.wait_records(1)[-1].note == "refused-per-client-limit"
     for h in held:
         h.close()
-    time.sleep(0.2)
+    assert s.wait_idle()
     assert request_reply(s.port, CONNECT, "127.0.0.1", echo.port) == 0  # slots come back
 
 
@@ -423,5 +423,4 @@ def test_garbage_and_truncated_negotiations_leave_no_session_behind(socks, echo)
         c.close()
     s.wait_records(len(junk), timeout=5)
     assert request_reply(s.port, CONNECT, "127.0.0.1", echo.port) == 0
-    time.sleep(0.2)
-    assert s.server.counts.total == 0 and s.server.counts.per_client == {}
+    assert s.wait_idle()
