@@ -75,36 +75,40 @@ def gopherd(origin):
     # Outside pytest's private tmp: the server runs as nobody and must read the tree.
     base = Path(tempfile.mkdtemp(prefix="webproxy-gopher-"))
     base.chmod(0o755)
-    root = base / "root"
-    (root / "sub").mkdir(parents=True)
-    (root / "odd").mkdir()
-    (root / "cgi-bin").mkdir()
-    (root / "hello.txt").write_bytes(b"hello gopher\r\n")
-    (root / "blob.bin").write_bytes(os.urandom(300 * 1024 + 7))
-    (root / "pic.gif").write_bytes(b"GIF89a" + os.urandom(5000))
-    (root / "sub" / "deep.txt").write_bytes(b"deep\r\n")
-    for name in HOSTILE:
-        (root / "odd" / name).write_bytes(name.encode() + b"\r\n")
-    search = root / "cgi-bin" / "search"
-    search.write_text("#!/bin/sh\nprintf 'iYou searched for: %s\\tfake\\t(NULL)\\t0\\r\\n' \"$SEARCHREQUEST\"\n")
-    search.chmod(0o755)
-    server = Gophernicus(root)
-    p = server.port
-    (root / "gophermap").write_text(
-        "iWelcome to <b>the</b> & test server\tfake\t(NULL)\t0\r\n"
-        f"1Sub directory\t/sub/\t127.0.0.1\t{p}\r\n"
-        f"1Odd names\t/odd/\t127.0.0.1\t{p}\r\n"
-        f"0Hello text\t/hello.txt\t127.0.0.1\t{p}\r\n"
-        f"9A binary\t/blob.bin\t127.0.0.1\t{p}\r\n"
-        f"gA picture\t/pic.gif\t127.0.0.1\t{p}\r\n"
-        f"7Search this server\t/cgi-bin/search\t127.0.0.1\t{p}\r\n"
-        f"hA web page\tURL:http://127.0.0.1:{origin.port}/text/web\t127.0.0.1\t{p}\r\n"
-        f"1<img src=x onerror=alert(1)>\t/sub/\t127.0.0.1\t{p}\r\n")
-    for path in [base, *base.rglob("*")]:
-        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        root = base / "root"
+        (root / "sub").mkdir(parents=True)
+        (root / "odd").mkdir()
+        (root / "cgi-bin").mkdir()
+        (root / "hello.txt").write_bytes(b"hello gopher\r\n")
+        (root / "blob.bin").write_bytes(os.urandom(300 * 1024 + 7))
+        (root / "pic.gif").write_bytes(b"GIF89a" + os.urandom(5000))
+        (root / "sub" / "deep.txt").write_bytes(b"deep\r\n")
+        for name in HOSTILE:
+            (root / "odd" / name).write_bytes(name.encode() + b"\r\n")
+        search = root / "cgi-bin" / "search"
+        search.write_text("#!/bin/sh\nprintf 'iYou searched for: %s\\tfake\\t(NULL)\\t0\\r\\n' \"$SEARCHREQUEST\"\n")
+        search.chmod(0o755)
+        server = Gophernicus(root)
+        p = server.port
+        (root / "gophermap").write_text(
+            "iWelcome to <b>the</b> & test server\tfake\t(NULL)\t0\r\n"
+            f"1Sub directory\t/sub/\t127.0.0.1\t{p}\r\n"
+            f"1Odd names\t/odd/\t127.0.0.1\t{p}\r\n"
+            f"0Hello text\t/hello.txt\t127.0.0.1\t{p}\r\n"
+            f"9A binary\t/blob.bin\t127.0.0.1\t{p}\r\n"
+            f"gA picture\t/pic.gif\t127.0.0.1\t{p}\r\n"
+            f"7Search this server\t/cgi-bin/search\t127.0.0.1\t{p}\r\n"
+            f"hA web page\tURL:http://127.0.0.1:{origin.port}/text/web\t127.0.0.1\t{p}\r\n"
+            f"1<img src=x onerror=alert(1)>\t/sub/\t127.0.0.1\t{p}\r\n")
+        for path in [base, *base.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
