@@ -61,16 +61,20 @@ PARTS = ("iperf", "stream", "wrk", "tunnels")
 CONNECT_ROW = "webproxy-CONNECT"
 
 # The stream sink: reads each connection to EOF, then answers with the byte count it read.
+# With a second argument "sized" it reads an 8-byte length first and stops there instead of at
+# EOF (for relays that do not pass a half-close on, such as microsocks).
 SINK = """
 import socket, sys, threading
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", int(sys.argv[1])))
 srv.listen(64)
+sized = sys.argv[2:] == ["sized"]
 def serve(c):
+    want = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "big") if sized else 1 << 62
     buf = bytearray(1 << 20)
     total = 0
-    while n := c.recv_into(buf):
+    while total < want and (n := c.recv_into(buf, min(len(buf), want - total))):
         total += n
     c.sendall(b"%d\\n" % total)
     c.close()
@@ -189,15 +193,23 @@ STREAM_BLOCK = memoryview(bytes(1 << 20))
 
 def stream(port: int, connect_to: int | None, nbytes: int) -> float:
     """Send nbytes to the sink over one connection; Gbit/s from the first byte to the sink's count."""
-    s = open_path(port, connect_to)
+    return timed_send(open_path(port, connect_to), nbytes)
+
+
+def timed_send(s: socket.socket, nbytes: int, length_prefix: bool = False) -> float:
+    """Send nbytes on `s` (after an 8-byte length when `length_prefix`, else followed by a
+    half-close), wait for the sink's count, close; Gbit/s."""
     try:
         start = time.perf_counter()
+        if length_prefix:
+            s.sendall(nbytes.to_bytes(8, "big"))
         left = nbytes
         while left:
             n = min(left, len(STREAM_BLOCK))
             s.sendall(STREAM_BLOCK[:n])
             left -= n
-        s.shutdown(socket.SHUT_WR)
+        if not length_prefix:
+            s.shutdown(socket.SHUT_WR)
         answer = b""
         while not answer.endswith(b"\n"):
             chunk = s.recv(64)
@@ -241,7 +253,9 @@ async def _one_tunnel(port: int, connect_to: int | None) -> None:
         writer.close()
 
 
-async def _tunnels(port: int, connect_to: int | None, seconds: float, concurrency: int) -> tuple[float, int, str]:
+async def _rate(one, seconds: float, concurrency: int) -> tuple[float, int, str]:
+    """Run the coroutine function `one` back to back in `concurrency` workers for `seconds`:
+    (completed per second, failures, the first failure)."""
     done = errors = 0
     first_error = ""
     deadline = time.monotonic() + seconds
@@ -250,7 +264,7 @@ async def _tunnels(port: int, connect_to: int | None, seconds: float, concurrenc
         nonlocal done, errors, first_error
         while time.monotonic() < deadline:
             try:
-                await asyncio.wait_for(_one_tunnel(port, connect_to), 30)
+                await asyncio.wait_for(one(), 30)
                 done += 1
             except (TimeoutError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
                 errors += 1
@@ -261,12 +275,17 @@ async def _tunnels(port: int, connect_to: int | None, seconds: float, concurrenc
     return done / (time.monotonic() - start), errors, first_error
 
 
+def rate(one, seconds: float, concurrency: int, what: str) -> float:
+    """Completions of `one()` per second (see _rate); failures are reported on stderr."""
+    per_second, errors, first = run_async(_rate(one, seconds, concurrency))
+    if errors:
+        print(f"    ({what}: {errors} failed, first: {first})", file=sys.stderr)
+    return per_second
+
+
 def tunnels(port: int, connect_to: int | None, seconds: float, concurrency: int) -> float:
     """Completed open/[CONNECT]/GET 1 KiB/close cycles per second over `seconds`."""
-    rate, errors, first = run_async(_tunnels(port, connect_to, seconds, concurrency))
-    if errors:
-        print(f"    (port {port}: {errors} failed tunnels, first: {first})", file=sys.stderr)
-    return rate
+    return rate(lambda: _one_tunnel(port, connect_to), seconds, concurrency, f"port {port} tunnels")
 
 
 # --- peers ----------------------------------------------------------------------------------
@@ -319,8 +338,8 @@ def start_proxy(bench: Bench, connect_ports: list[int]) -> int | None:
 class Table:
     """One measurement across paths: every round's value per path, printed best-of with the range."""
 
-    def __init__(self, key: str, title: str, unit: str):
-        self.key, self.title, self.unit = key, title, unit
+    def __init__(self, key: str, title: str, unit: str, baseline: str = "socat"):
+        self.key, self.title, self.unit, self.baseline = key, title, unit, baseline
         self.values: dict[str, list[float]] = {}
         self.failed: dict[str, str] = {}
 
@@ -337,14 +356,14 @@ class Table:
 
     def print(self) -> None:
         print(f"\n{self.title}")
-        base = self.best("socat")
+        base = self.best(self.baseline)
         for name in [*self.values, *(n for n in self.failed if n not in self.values)]:
             if name in self.failed:
                 print(f"  {name:18s} {'n/a':>10s} {self.unit:8s}  ({self.failed[name]})")
                 continue
             vals = self.values[name]
             spread = f"[{min(vals):.1f}..{max(vals):.1f}]" if len(vals) > 1 else ""
-            ratio = f"{self.best(name) / base:.2f}x socat" if base and name != "socat" else ""
+            ratio = f"{self.best(name) / base:.2f}x {self.baseline}" if base and name != self.baseline else ""
             print(f"  {name:18s} {self.best(name):10.2f} {self.unit:8s} {spread:>18s}  {ratio}")
 
 

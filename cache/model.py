@@ -19,7 +19,7 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
      "proxy-authenticate", "proxy-authorization"}
 )
-DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "gopher": 70}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 9.2.1
 
 

@@ -141,7 +141,7 @@ def test_origin_dying_mid_body_truncates_the_client_response(proxy):
     assert proxy.proc.poll() is None
 
 
-@pytest.mark.parametrize("url, status", [("https://127.0.0.1/", 501), ("gopher://127.0.0.1/", 501),
+@pytest.mark.parametrize("url, status", [("https://127.0.0.1/", 501), ("gopher://127.0.0.1:9/", 502),
                                          ("foo://127.0.0.1/", 400)])
 def test_unsupported_schemes(proxy, url, status):
     reply = raw(proxy.port, f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())

@@ -46,6 +46,12 @@ class UpstreamUnreachable(UpstreamError):
     kind = "unreachable"
 
 
+class UpstreamDenied(UpstreamError):
+    """Every address of the host is refused by the caller's `check` (e.g. SOCKS deny_networks)."""
+
+    kind = "denied"
+
+
 @lru_cache(maxsize=1024)
 def _ip_literal(host: str) -> str | None:
     try:
@@ -72,27 +78,42 @@ async def _addresses(host: str, port: int, resolve: Resolver | None) -> list[str
     return unique
 
 
+async def resolve_host(host: str, port: int, *, timeout: float, resolve: Resolver | None = None) -> list[str]:
+    """The addresses of `host` (an IP literal is its own answer). Raises UpstreamDNSError or
+    UpstreamTimeout."""
+    literal = _ip_literal(host)
+    if literal is not None:
+        return [literal]
+    try:
+        async with asyncio.timeout(timeout):
+            return await _addresses(host, port, resolve)
+    except TimeoutError:
+        raise UpstreamTimeout(host, port, f"name resolution took longer than {timeout:g}s") from None
+
+
 async def open_upstream(host: str, port: int, *, timeout: float,
                         local_addr: tuple[str, int] | None = None, transparent: bool = False,
-                        resolve: Resolver | None = None) -> socket.socket:
+                        resolve: Resolver | None = None,
+                        check: Callable[[str], str | None] | None = None) -> socket.socket:
     """Return a connected non-blocking TCP socket to host:port, trying each address in turn.
 
     `timeout` bounds the whole attempt (resolution included). `local_addr` binds the socket first;
     with `transparent=True` the bind may use a non-local address (TPROXY: connect from the client's
     own address; needs CAP_NET_ADMIN and the gateway's `-m socket` rule to route replies back).
-    Raises UpstreamDNSError, UpstreamRefused, UpstreamTimeout or UpstreamUnreachable.
+    `check(ip)` returns why an address may not be dialled (None: it may): it sees the resolved
+    addresses, so a name cannot smuggle a refused address past it.
+    Raises UpstreamDNSError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable or UpstreamDenied.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     literal = _ip_literal(host)
-    if literal is not None:
-        addrs = [literal]
-    else:
-        try:
-            async with asyncio.timeout(timeout):
-                addrs = await _addresses(host, port, resolve)
-        except TimeoutError:
-            raise UpstreamTimeout(host, port, f"name resolution took longer than {timeout:g}s") from None
+    addrs = [literal] if literal is not None else await resolve_host(host, port, timeout=timeout, resolve=resolve)
+    if check is not None:
+        verdicts = [(a, check(a)) for a in addrs]
+        allowed = [a for a, why in verdicts if not why]
+        if not allowed:
+            raise UpstreamDenied(host, port, str(verdicts[0][1]))
+        addrs = allowed
     last: UpstreamError | None = None
     for addr in addrs:
         left = deadline - loop.time()
@@ -127,6 +148,7 @@ async def open_upstream(host: str, port: int, *, timeout: float,
         except OSError as e:
             sock.close()
             last = UpstreamUnreachable(host, port, f"cannot connect ({e.strerror or e})")
+            last.errno = e.errno  # ENETUNREACH vs EHOSTUNREACH: SOCKS5 replies tell them apart
         except BaseException:
             sock.close()
             raise

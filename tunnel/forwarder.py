@@ -19,6 +19,7 @@ from typing import Any
 
 from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, open_upstream
+from tunnel.listeners import ClientCounts, limit_refusal
 from tunnel.relay import DEFAULT_BUFFER, RelayResult, relay
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -66,11 +67,7 @@ def admit(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: Sequence[Net
     """None to accept this client, or the reason to turn it away (for the log line)."""
     if not any(ip in net for net in allow):
         return "denied"
-    if s.max_connections and active >= s.max_connections:
-        return "refused-full"
-    if s.max_connections_per_client and active_from_client >= s.max_connections_per_client:
-        return "refused-per-client-limit"
-    return None
+    return limit_refusal(active, active_from_client, s.max_connections, s.max_connections_per_client)
 
 
 def upstream_order(n: int, active: Sequence[int], next_rr: int, balance: str) -> list[int]:
@@ -133,8 +130,7 @@ class Forwarder:
         self.resolve = resolve
         self.acceptor: Acceptor | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.active = 0
-        self.per_client: dict[Any, int] = {}
+        self.counts = ClientCounts()
         self.per_upstream = [0] * len(settings.upstreams)
         self.next_rr = 0
         self.address: tuple[str, int] | None = None
@@ -178,14 +174,13 @@ class Forwarder:
 
     def _on_accept(self, sock: socket.socket, addr: Any) -> None:
         ip = client_ip(addr)
-        reason = admit(ip, self.s.allow_clients, self.active, self.per_client.get(ip, 0), self.s)
+        reason = admit(ip, self.s.allow_clients, self.counts.total, self.counts.of(ip), self.s)
         if reason is not None:
             sock.close()
             self.log(log_line(addr, "-", None, reason))
             return
-        self.active += 1
-        self.per_client[ip] = self.per_client.get(ip, 0) + 1
-        if self.s.when_full == "wait" and self.s.max_connections and self.active >= self.s.max_connections:
+        self.counts.take(ip)
+        if self.s.when_full == "wait" and self.s.max_connections and self.counts.total >= self.s.max_connections:
             self.acceptor.pause()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -196,14 +191,9 @@ class Forwarder:
         task.add_done_callback(self.tasks.discard)
 
     def _release(self, ip: Any) -> None:
-        self.active -= 1
-        left = self.per_client[ip] - 1
-        if left:
-            self.per_client[ip] = left
-        else:
-            del self.per_client[ip]
+        self.counts.release(ip)
         if self.acceptor is not None and self.acceptor.paused and not self.acceptor.closed:
-            if not self.s.max_connections or self.active < self.s.max_connections:
+            if not self.s.max_connections or self.counts.total < self.s.max_connections:
                 self.acceptor.resume()
 
     async def _connect_any(self) -> tuple[socket.socket, int]:

@@ -75,13 +75,17 @@ def set_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
-def transparent_listener(host: str, port: int, *, tproxy: bool, backlog: int = 1024) -> socket.socket:
+def transparent_listener(host: str, port: int, *, tproxy: bool, backlog: int = 1024,
+                         reuse_port: bool = False) -> socket.socket:
     """A non-blocking listening socket; with `tproxy` it is IP_TRANSPARENT so TPROXY can deliver
-    connections addressed to any destination to it."""
+    connections addressed to any destination to it. `reuse_port`: several worker processes bind
+    the same address and the kernel spreads the connections (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if tproxy:
             set_transparent(sock)
         sock.bind((host, port))

@@ -17,13 +17,14 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
 
-from tunnel.acceptor import Acceptor
 from tunnel.connect import Resolver, UpstreamError, UpstreamRefused, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
-from tunnel.origdst import original_dst, transparent_listener
+from tunnel.listeners import ListenerSet
+from tunnel.netaddr import is_local_address as _is_local_address
+from tunnel.netaddr import norm_ip as _norm
+from tunnel.origdst import original_dst
 from tunnel.relay import relay, reset_on_close
 
 logger = logging.getLogger("tunnel")
@@ -96,25 +97,6 @@ def read_as_http(data: bytes) -> bool:
     return bool(data) and looks_like_http(data) is not False
 
 
-@lru_cache(maxsize=256)
-def _is_local_address(ip: str) -> bool:
-    """Can we bind this address without IP_TRANSPARENT? Then it belongs to this machine."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            return False
-    return True
-
-
-def _norm(ip: str) -> str:
-    addr = ipaddress.ip_address(ip.strip("[]").split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
-
-
 def is_own_listener(dst: tuple[str, int], own: Sequence[tuple[str, int]]) -> bool:
     """Would relaying to `dst` reach one of our own listeners (`own`, wildcards allowed)?"""
     ip, port = _norm(dst[0]), dst[1]
@@ -160,39 +142,23 @@ class TransparentListener:
         self.admit = admit
         self.release = release
         self.half_close_timeout = half_close_timeout
-        self.acceptors: list[Acceptor] = []
-        self.tasks: set[asyncio.Task] = set()
-        self.addresses: list[tuple[str, int]] = []
+        self.listeners = ListenerSet(self._on_accept)
 
     def start(self) -> None:
         """Bind every listen address (raises OSError; IP_TRANSPARENT needs CAP_NET_ADMIN)."""
-        try:
-            for host, port in self.listen:
-                lsock = transparent_listener(host, port, tproxy=self.mode == "tproxy")
-                addr = lsock.getsockname()[:2]
-                self.addresses.append(addr)
-                self.own.append(addr)
-                acc = Acceptor(lsock, self._on_accept)
-                self.acceptors.append(acc)
-                acc.resume()
-        except BaseException:
-            for acc in self.acceptors:
-                acc.close()
-            raise
+        self.listeners.listen(self.listen, tproxy=self.mode == "tproxy")
+        self.own.extend(self.listeners.addresses)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.listeners.addresses
 
     async def close(self) -> None:
-        for acc in self.acceptors:
-            acc.close()
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.listeners.close()
 
     def _on_accept(self, sock: socket.socket, addr: Any) -> None:
         # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; callers want plain a.b.c.d.
-        task = asyncio.ensure_future(self._handle(sock, (_norm(addr[0]), addr[1])))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.listeners.spawn(self._handle(sock, (_norm(addr[0]), addr[1])))
 
     async def _sniff(self, sock: socket.socket) -> tuple[bytes, bool]:
         """Read until the bytes say HTTP or not, `sniff_bytes` are in, or `sniff_timeout` passes.

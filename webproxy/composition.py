@@ -1,4 +1,4 @@
-"""Plugs the optional layers (disk cache and active refresh, transparent listeners, port
+"""Plugs the optional layers (disk cache and active refresh, transparent and SOCKS listeners, port
 forwarders) into a started proxy, each according to its config section."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from webproxy.frontend import ClientConnection, ConnectionHost
 from webproxy.refresher import Refresher, RefreshHost
 from webproxy.refresher import attach as attach_refresher
 from webproxy.service import Identity, acting_as
+from webproxy.socksgate import serve as serve_socks
 from webproxy.startup import StartupError, listen_error
 
 
@@ -49,6 +50,8 @@ async def attach_layers(proxy: Composable, ident: Identity | None = None) -> Non
         proxy.attach_cache(layer, attach_refresher(proxy, layer))
     if cfg.transparent["listen"]:
         await _start_transparent(proxy)
+    if cfg.socks["listen"]:
+        await _start_serving(proxy, lambda started: serve_socks(proxy, started), "socks.listen")
     if cfg.tunnel:
         await _start_forwarders(proxy)
 
@@ -100,16 +103,23 @@ async def _start_transparent(proxy: Composable) -> None:
 
 
 async def _start_forwarders(proxy: Composable) -> None:
-    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    task = asyncio.ensure_future(serve_forwarders(
+    await _start_serving(proxy, lambda started: serve_forwarders(
         proxy.cfg.tunnel, log=lambda line: proxy.log_error(line, "info"), resolve=proxy.resolve,
-        started=lambda *_: started.done() or started.set_result(None)))
+        started=started))
+
+
+async def _start_serving(proxy: Composable, serve: Callable[[Callable[..., Any]], Awaitable[None]],
+                         key: str = "server.listen") -> None:
+    """Run `serve(started)` (it calls started() once listening) until shutdown. Raises StartupError
+    naming `key` when it cannot bind."""
+    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(serve(lambda *_: started.done() or started.set_result(None)))
     done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         e = task.exception()
         if isinstance(e, OSError):
             host, port = getattr(e, "listen", ("?", 0))
-            raise StartupError(listen_error(host, port, e)) from None
+            raise StartupError(listen_error(host, port, e).replace("server.listen", key)) from None
         if e is not None:
             raise e
 

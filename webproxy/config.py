@@ -43,7 +43,9 @@ def ipv6_loopback() -> bool:
 DEFAULT_LISTEN = ["127.0.0.1:3128", "[::1]:3128"] if ipv6_loopback() else ["127.0.0.1:3128"]
 
 # Types understood by the checker. "size" takes an integer number of bytes or a string such as
-# "512 MiB"; "addr" is "host:port" ("[::1]:3128" for IPv6); "nets" is a list of CIDR networks.
+# "512 MiB"; "addr" is "host:port" ("[::1]:3128" for IPv6); "nets" is a list of CIDR networks
+# ("nets|local" also takes the word "local": every address of this machine); "choices:a,b" is a
+# list of some of a, b.
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "server": {
         "listen": ("addrs", DEFAULT_LISTEN),
@@ -129,11 +131,26 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "direct_domains": ("strs", []),
         "direct_networks": ("nets", []),
     },
+    "socks": {
+        "listen": ("addrs", []),
+        "commands": ("choices:connect,udp,bind", ["connect", "udp", "bind"]),
+        "allow_ports": ("ints", []),
+        "deny_networks": ("nets|local", ["local", "127.0.0.0/8", "::1/128"]),
+        "max_connections": ("int", 1024),
+        "max_connections_per_client": ("int", 256),
+        "handshake_timeout": ("float", 10.0),
+        "idle_timeout": ("float", 600.0),
+    },
+    "gopher": {
+        "default_ttl": ("float", 3600.0),
+        "timeout": ("float", 30.0),
+    },
 }
 
 # Keys whose new value only takes effect after a restart (SIGHUP reports them).
 RESTART_KEYS = {"server.listen", "server.workers", "server.user", "server.group", "server.pid_file",
-                "cache.directory", "transparent.listen", "transparent.mode"}
+                "cache.directory", "transparent.listen", "transparent.mode",
+                *(f"socks.{key}" for key in SCHEMA["socks"])}
 
 # Sections that are lists of tables; each entry is checked against its own schema.
 LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
@@ -210,6 +227,20 @@ def _check(kind: str, value: Any) -> Any:
         return parse_size(value)
     if kind == "addr":
         return parse_addr(value)
+    if kind.startswith("choices:"):
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of some of {kind[8:].replace(',', ', ')}")
+        return [_check("choice:" + kind[8:], v) for v in value]
+    if kind == "nets|local":
+        if not isinstance(value, list):
+            raise ValueError("expected a list of networks such as \"10.0.0.0/8\" or the word \"local\"")
+        nets: list[Any] = []
+        for v in value:
+            try:
+                nets.append(v if v == "local" else ipaddress.ip_network(v, strict=False))
+            except (ValueError, TypeError):
+                raise ValueError(f"{v!r} is neither a network such as \"10.0.0.0/8\" nor the word \"local\"") from None
+        return nets
     if kind in ("addrs", "strs", "ints", "nets"):
         if isinstance(value, str) and kind in ("addrs", "nets", "strs"):
             value = [value]
@@ -270,6 +301,8 @@ class Config:
     ftp: dict[str, Any]
     transparent: dict[str, Any]
     pac: dict[str, Any]
+    socks: dict[str, Any]
+    gopher: dict[str, Any]
     tunnel: list[dict[str, Any]]
     path: str | None = None
 

@@ -8,7 +8,7 @@ built once when the proxy starts. Every path ends in exactly one access-log line
     CONNECT host:port                   -> CONNECT
     origin-form, via our own Via        -> LOOP (508)
     origin-form, or a URL naming us     -> SELF (status page)
-    http:// / ftp:// (FETCHERS)         -> the fetcher of that scheme
+    http:// ftp:// gopher:// (FETCHERS) -> the fetcher of that scheme
     a scheme we know but do not fetch   -> UNSUPPORTED (501);  anything else -> BAD (400)
 """
 
@@ -27,12 +27,13 @@ from webproxy.exchange import Answers, Exchange
 from webproxy.forward import HttpForwarder, refusal
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.ftpgate import FtpGate
+from webproxy.gophergate import GopherGate
 from webproxy.httpmsg import BadTarget, Target, get_header, has_via_loop, parse_absolute_cached
 from webproxy.selfpages import SelfPages
 from webproxy.transparent import TransparentHttp
 
 # Schemes a client might send in absolute form that we know but do not fetch ourselves.
-KNOWN_UNSUPPORTED = frozenset({"https", "ws", "wss", "gopher", "wais", "news", "nntp", "telnet"})
+KNOWN_UNSUPPORTED = frozenset({"https", "ws", "wss", "wais", "news", "nntp", "telnet"})
 
 
 class Route(Enum):
@@ -43,11 +44,12 @@ class Route(Enum):
     SELF = "self"
     HTTP = "http"
     FTP = "ftp"
+    GOPHER = "gopher"
     UNSUPPORTED = "unsupported"
     BAD = "bad"
 
 
-FETCHERS = {"http": Route.HTTP, "ftp": Route.FTP}
+FETCHERS = {"http": Route.HTTP, "ftp": Route.FTP, "gopher": Route.GOPHER}
 
 
 @dataclass(slots=True)
@@ -92,7 +94,8 @@ AccessLogger = Callable[[ClientConnection, Request, Exchange, int], None]
 
 class Router:
     def __init__(self, env: Env, answers: Answers, forwarder: HttpForwarder, connect: ConnectHandler,
-                 ftp: FtpGate, transparent: TransparentHttp, pages: SelfPages, access: AccessLogger) -> None:
+                 ftp: FtpGate, gopher: GopherGate, transparent: TransparentHttp, pages: SelfPages,
+                 access: AccessLogger) -> None:
         self.env = env
         self.answers = answers
         self.forwarder = forwarder
@@ -103,6 +106,7 @@ class Router:
             Route.TRANSPARENT: lambda c, r, w, e, _: transparent.handle(c, r, w, e),
             Route.HTTP: lambda c, r, w, e, rt: forwarder.handle(c, r, w, e, rt.target),
             Route.FTP: lambda c, r, w, e, rt: ftp.handle(c, r, w, e, rt.target),
+            Route.GOPHER: lambda c, r, w, e, rt: gopher.handle(c, r, w, e, rt.target),
         }
         self.pages = pages
 

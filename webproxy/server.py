@@ -28,6 +28,7 @@ from webproxy.exchange import Answers, Exchange
 from webproxy.forward import HttpForwarder
 from webproxy.frontend import ClientConnection, ParseFailure, Request
 from webproxy.ftpgate import FtpGate
+from webproxy.gophergate import GopherGate
 from webproxy.httpmsg import Target, parse_absolute
 from webproxy.origin import Opener
 from webproxy.refresher import Refresher
@@ -64,11 +65,12 @@ class ProxyServer:
         self.answers = Answers(self)
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
         self.ftp = FtpGate(self, self.answers, self.resolver)
+        self.gopher = GopherGate(self, self.answers, self.resolve)
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
         self.router = Router(self, self.answers, self.forwarder,
-                             ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp,
+                             ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp, self.gopher,
                              TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
@@ -86,6 +88,7 @@ class ProxyServer:
         self.refresher = refresher
         self.forwarder.cache = layer
         self.ftp.cache = layer
+        self.gopher.cache = layer
 
     # ---- PagesHost: what the status page and /metrics read ----------------------------------------
     def cache_stats(self) -> dict[str, Any] | None:
@@ -99,6 +102,8 @@ class ProxyServer:
         target = parse_absolute(url)
         if target.scheme == "ftp":
             return target, self.ftp.opener_for(url, target)
+        if target.scheme == "gopher":
+            return target, self.gopher.opener_for(target)
         return target, self.forwarder.opener_for(target)
 
     # ---- RefreshHost: what the active refresher asks ----------------------------------------------
@@ -106,8 +111,8 @@ class ProxyServer:
         return self.upstream.active
 
     def log_access(self, start: float, client: str, code: str, status: int, nbytes: int, method: str,
-                   url: str, hierarchy: str, ctype: str | None) -> None:
-        self.accesslog.log(start, client, code, status, nbytes, method, url, hierarchy, ctype)
+                   url: str, hierarchy: str, ctype: str | None, user: str = "-") -> None:
+        self.accesslog.log(start, client, code, status, nbytes, method, url, hierarchy, ctype, user)
 
     # ---- ConnectionHost: what client connections ask ----------------------------------------------
     now = staticmethod(time.time)
@@ -279,6 +284,7 @@ class ProxyServer:
             getattr(new, section).update(keep)
         new.cache = {**self.cfg.cache, **{k: v for k, v in new.cache.items() if f"cache.{k}" not in config_mod.RESTART_KEYS}}
         new.transparent = self.cfg.transparent
+        new.socks = self.cfg.socks  # the running SOCKS listener keeps its settings until a restart
         new.tunnel = self.cfg.tunnel
         # Always switch files, even to the same paths: after logrotate renamed them too.
         self.accesslog.use(new.log["access_log"], access_file)

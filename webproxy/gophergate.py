@@ -1,0 +1,60 @@
+"""gopher:// URLs through the proxy: the same checks, cache and relay path as ftp:// (FtpGate).
+
+Gopher carries no freshness information: a 200 answer is fresh for `gopher.default_ttl` seconds.
+The fetch itself is `webproxy.gopher.fetch`; this module only routes and sets freshness.
+"""
+
+from __future__ import annotations
+
+from tunnel.connect import Resolver
+from webproxy import logcodes
+from webproxy.context import Env
+from webproxy.exchange import Answers, Exchange
+from webproxy.forward import CacheHandler, destination_refusal, refusal
+from webproxy.frontend import ClientConnection, Request, ResponseWriter
+from webproxy.gopher import fetch
+from webproxy.httpmsg import Headers, Target
+from webproxy.origin import Opener, OriginResponse
+
+
+class GopherGate:
+    def __init__(self, env: Env, answers: Answers, resolve: Resolver) -> None:
+        self.env = env
+        self.answers = answers
+        self.resolve = resolve
+        self.cache: CacheHandler | None = None  # set when the cache is on
+
+    async def open(self, ex: Exchange | None, target: Target, method: str) -> OriginResponse:
+        cfg = self.env.cfg.gopher
+        resp = await fetch(target, method, timeout=cfg["timeout"], resolve=self.resolve)
+        if ex is not None:
+            ex.hierarchy = logcodes.hier_direct(target.host)
+        if resp.status == 200 and resp.header("cache-control") is None:
+            resp.headers.append(("Cache-Control", f"max-age={int(cfg['default_ttl'])}"))
+        return resp
+
+    def opener_for(self, target: Target) -> Opener:
+        """Fetches with no client request behind them (background refresh)."""
+        async def gopher_opener(method: str, headers: Headers) -> OriginResponse:
+            return await self.open(None, target, method)
+
+        return gopher_opener
+
+    async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange,
+                     target: Target) -> bool:
+        refused = refusal(self.env, req, target)
+        if refused is not None:
+            return self.answers.deny(rw, ex, *refused)
+        why = await destination_refusal(self.env, self.resolve, conn.client_ip, target.host, target.port)
+        if why is not None:
+            return self.answers.deny(rw, ex, 403, why)
+
+        async def opener(method: str, hdrs: Headers) -> OriginResponse:
+            return await self.open(ex, target, method)
+
+        if self.cache is not None:
+            handled = await self.cache.handle(conn, req, rw, ex, target, [], opener)
+            if handled is not None:
+                return handled
+        ex.code = logcodes.MISS
+        return await self.answers.relay(req, rw, ex, await opener(req.method, []))
