@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cache import conditional
 from cache.decision import Action, Decision, decide, respond
 from cache.model import Headers, Policy, Request, StoredResponse
-from cache.storable import is_storable, make_stored
+from cache.storable import is_interim, is_storable, make_stored
 
 MISS = "miss"
 HIT = "hit"
@@ -115,6 +115,11 @@ def after_fetch(request: Request, fetch: Fetch, status: int | None, headers: Hea
     """What the origin's answer to `fetch` means. `status` None: no answer at all (the driver then
     relays the failure unless stale may be served). `headers` must carry the declared
     Content-Length, which is how a short body is later told from a complete one."""
+    if status is not None and is_interim(status):
+        # A 1xx is not the answer to the request (RFC 9110 15.2): it is never stored nor merged into
+        # the stored response (RFC 9111 3, 4.3.4). The upstream client passes interim responses on
+        # and reads on to the final one; this keeps the rule true should one ever arrive here.
+        return Relay(fetch.outcome)
     if not fetch.conditional:
         if status is not None and request.method.upper() == "GET" and is_storable(request, status, headers or []):
             return Store(make_stored(request, status, reason, headers or [], request_time, response_time),

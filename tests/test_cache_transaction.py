@@ -90,3 +90,12 @@ def test_an_origin_failure_is_relayed_unless_stale_may_be_served():
 def test_a_refresh_always_revalidates_what_is_stored():
     s = stored(FRESH)
     assert transaction.refresh(s) == Fetch(s)
+
+
+def test_an_interim_response_is_never_stored_nor_merged_into_the_stored_response():
+    fields = [("Cache-Control", "max-age=600"), ("ETag", '"v1"'), ("Content-Length", "3")]
+    s = stored(FRESH)
+    for status in (100, 102, 103, 199):
+        assert after(req(), Fetch(), status, fields) == Relay(transaction.MISS)
+        step = after(req(), Fetch(s), status, fields)
+        assert isinstance(step, Relay) and not isinstance(step, (Serve, Store))
