@@ -14,6 +14,7 @@ Never imports `webproxy`. Modules, one job each:
     collapse      collapsed forwarding (one fetch per key in flight)
     eviction      the GDSF score and diskcache eviction policy
     store         Store: lookup, publish, update, purge, counters
+    generation    the purge generation every process of a cache directory reads on each lookup
     fill          Fill: a body streaming into the store
     rows          the diskcache row format (diskcache.Disk subclass)
     memory        the in-process memory tier

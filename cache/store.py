@@ -7,7 +7,8 @@ Layout (one diskcache.Cache in the cache directory, several processes may share 
   INLINE_MAX live in the row itself (head and body pickled together): one SQLite read, no file.
 - for a URL whose response has Vary, a small index row at the bare cache key lists the Vary field
   names, so a lookup is: index row -> variant row (both usually served from memory).
-- counters ("#stats:*") and the purge generation ("#generation") are rows without a tag.
+- counters ("#stats:*") are rows without a tag; the purge generation, which every lookup reads,
+  is a small mapped file beside the database (cache.generation).
 - GET and HEAD share the rows (the key has no method).
 
 Eviction is diskcache's own culling with a policy (cache.eviction) ordering rows by the GDSF
@@ -42,6 +43,7 @@ from cache import eviction, vary
 from cache.collapse import Flights
 from cache.fill import INLINE_MAX, Fill, process_tag
 from cache.freshness import stale_at
+from cache.generation import Generation
 from cache.key import BadURL, split_url
 from cache.memory import MemoryTier
 from cache.model import Headers, Policy, StoredResponse
@@ -50,7 +52,6 @@ from cache.rows import MODE_FILE, MODE_INDEX, MODE_INLINE, EntryDisk, Row, VaryI
 _MODES_SQL = f"({MODE_INLINE}, {MODE_FILE}, {MODE_INDEX})"
 _ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
 SEP = "\x01"  # between a cache key and a secondary key; cannot occur in a request target
-GEN_KEY = "#generation"
 STAT_PREFIX = "#stats:"
 STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved")
 # Active refresh (webproxy.refresher): refreshes run, of which 304 (freshness extended), replaced
@@ -58,7 +59,6 @@ STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved")
 REFRESH_STAT_NAMES = ("refreshes", "refresh_304", "refresh_replaced", "refresh_failed", "refresh_hits")
 COUNTER_NAMES = STAT_NAMES + REFRESH_STAT_NAMES
 FLUSH_INTERVAL = 1.0
-GEN_CHECK_INTERVAL = 1.0
 _HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
 
 
@@ -147,10 +147,9 @@ class Store:
         self._uses: dict[str, list[int]] = {}
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
         self.flush_interval = FLUSH_INTERVAL
-        self.gen_check_interval = GEN_CHECK_INTERVAL
         self._flushed = time.monotonic()
-        self._gen = self._cache.get(GEN_KEY, 0)
-        self._gen_checked = time.monotonic()
+        self.generation = Generation(directory)
+        self._gen = self.generation.value()
         self.clean_orphans()
 
     # --- housekeeping -----------------------------------------------------------------------
@@ -189,6 +188,7 @@ class Store:
     def close(self) -> None:
         self.flush()
         self._cache.close()
+        self.generation.close()
 
     def __enter__(self) -> Store:
         return self
@@ -197,13 +197,6 @@ class Store:
         self.close()
 
     # --- reading ----------------------------------------------------------------------------
-
-    def _check_generation(self, mono: float) -> None:
-        self._gen_checked = mono
-        gen = self._cache.get(GEN_KEY, 0)
-        if gen != self._gen:
-            self._gen = gen
-            self.memory.clear()
 
     def _get(self, key: str, memory_only: bool = False) -> tuple[tuple, bool] | None:
         """(record, from_memory); record is ("index", names) or ("entry", head, body, path)."""
@@ -247,10 +240,11 @@ class Store:
         Counts as a use of the entry (popularity), whatever is then decided about it, unless
         `count_use` is False (the refresher's own look-ups; a caller that counts later with
         count_use()). `memory_only`: only the in-process memory tier is consulted (no SQLite)."""
-        mono = time.monotonic()
-        if mono - self._gen_checked >= self.gen_check_interval:
-            self._check_generation(mono)
-        if mono - self._flushed >= self.flush_interval:
+        gen = self.generation.value()
+        if gen != self._gen:  # another process purged: what the memory tier holds may be gone
+            self._gen = gen
+            self.memory.clear()
+        if time.monotonic() - self._flushed >= self.flush_interval:
             self.flush()
         got = self._get(url_key, memory_only)
         if got is None:
@@ -485,7 +479,7 @@ class Store:
             with self._cache.transact(retry=True):
                 for k in keys[i : i + 200]:
                     self._cache.delete(k, retry=True)
-        self._gen = self._cache.incr(GEN_KEY, 1, retry=True)
+        self._gen = self.generation.bump()
         self.memory.clear()
         return urls
 

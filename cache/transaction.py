@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cache import conditional
+from cache.collapse import may_lead
 from cache.decision import Action, Decision, decide, respond
 from cache.model import Headers, Policy, Request, StoredResponse
 from cache.storable import is_interim, is_storable, make_stored
@@ -39,10 +40,12 @@ class Serve:
 @dataclass(frozen=True, slots=True)
 class Fetch:
     """Ask the origin: with `stored`'s validators (a revalidation), or unconditionally (a miss or a
-    refetch). A miss joins the collapsed-forwarding flight of its key first."""
+    refetch). A miss first waits for the collapsed-forwarding flight of its key, if one is in the
+    air; when none is, it starts one only if `lead` (cache.collapse.may_lead)."""
 
     stored: StoredResponse | None = None
     outcome: str = MISS
+    lead: bool = False
 
     @property
     def conditional(self) -> bool:
@@ -102,7 +105,7 @@ def begin(request: Request, stored: StoredResponse | None, now: float, policy: P
         if request.method.upper() == "HEAD":
             return Pass()  # a HEAD does not refresh the stored GET: just ask the origin
         return Fetch(d.stored)
-    return Fetch()
+    return Fetch(lead=may_lead(request))
 
 
 def refresh(stored: StoredResponse) -> Fetch:
@@ -134,7 +137,7 @@ def after_fetch(request: Request, fetch: Fetch, status: int | None, headers: Hea
     if o.action == conditional.SERVE_STALE:
         return Serve(respond(request, stored), conditional.SERVE_STALE)
     if o.action == conditional.REFETCH:
-        return Fetch(None, conditional.REFETCH)
+        return Fetch(None, conditional.REFETCH, may_lead(request))
     if o.action == conditional.REPLACE and status is not None and is_storable(request, status, headers or []):
         return Store(make_stored(request, status, reason, headers or [], request_time, response_time),
                      conditional.REPLACE)

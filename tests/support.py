@@ -275,6 +275,28 @@ def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
 
 
+def proxy_get(proxy: ProxyProcess, url: str, *headers: str, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """GET `url` through `proxy` with curl: (status, fields with lower-case names, body)."""
+    args = ["-x", proxy.url, "-s", "-D", "-", "-o", "-", url]
+    for h in headers:
+        args += ["-H", h]
+    out = curl(*args, timeout=timeout).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        fields[k.strip().lower()] = v.strip()
+    return int(lines[0].split()[1]), fields, body
+
+
+def run_webproxy(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`webproxy ARGS...` from this checkout, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
 class RawClient:
     """A client socket that writes raw bytes and reads responses with h11."""
 

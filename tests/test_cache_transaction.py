@@ -16,7 +16,7 @@ def begin(request, s, now=T0 + 1):
 
 def test_nothing_stored_is_an_unconditional_fetch():
     step = begin(req(), None)
-    assert step == Fetch() and not step.conditional and step.outcome == transaction.MISS
+    assert step == Fetch(lead=True) and not step.conditional and step.outcome == transaction.MISS
 
 
 def test_fresh_is_served_and_stale_is_revalidated_with_its_validator():
@@ -69,7 +69,7 @@ def test_a_matching_304_updates_and_serves_the_stored_response():
 
 def test_a_304_for_another_validator_refetches_unconditionally():
     step = after(req(), Fetch(stored(FRESH)), 304, [("ETag", '"other"')])
-    assert step == Fetch(None, conditional.REFETCH) and not step.conditional
+    assert step == Fetch(None, conditional.REFETCH, lead=True) and not step.conditional
 
 
 def test_a_new_200_replaces_the_stored_response():
@@ -99,3 +99,22 @@ def test_an_interim_response_is_never_stored_nor_merged_into_the_stored_response
         assert after(req(), Fetch(), status, fields) == Relay(transaction.MISS)
         step = after(req(), Fetch(s), status, fields)
         assert isinstance(step, Relay) and not isinstance(step, (Serve, Store))
+
+
+def test_only_a_miss_whose_answer_can_be_shared_leads_a_collapsed_fetch():
+    leads = [req(), req(("Content-Length", "0")), req(("Authorization", "Basic eA==")),
+             req(("Cache-Control", "max-age=0"))]
+    for r in leads:
+        assert begin(r, None).lead, r.headers
+    waits_or_fetches_alone = [
+        req(("Content-Length", "100")),  # a body its client may never finish
+        req(("Transfer-Encoding", "chunked")),
+        req(method="HEAD"),  # a HEAD's answer is not stored
+        req(("Range", "bytes=0-9")),  # forwarded as is on a miss: a 206 is not stored
+        req(("If-None-Match", '"v1"')),  # likewise a 304
+        req(("If-Modified-Since", http_date(T0))),
+        req(("Cache-Control", "no-store")),
+    ]
+    for r in waits_or_fetches_alone:
+        step = begin(r, None)
+        assert isinstance(step, Fetch) and not step.lead, (r.method, r.headers)

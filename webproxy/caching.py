@@ -181,8 +181,11 @@ class CacheLayer:
                     return None if client is not None else transaction.MISS
                 if isinstance(step, Fetch):
                     if not step.conditional and not leader:
-                        flight, leader = store.flights.join(key)
-                        if not leader and client is not None and step.outcome == transaction.MISS:
+                        # Only a request whose answer can be shared leads; any miss waits for a
+                        # flight already in the air.
+                        flight, leader = store.flights.join(key) if step.lead else (store.flights.get(key), False)
+                        if flight is not None and not leader and client is not None \
+                                and step.outcome == transaction.MISS:
                             # Someone is already fetching this URL: wait for their copy.
                             follower = True
                             if await flight.wait(self.env.cfg.cache["collapse_wait"]):
@@ -230,6 +233,10 @@ class CacheLayer:
                     r, resp = resp, None
                     return await self._relay(client, r, step.outcome, fill)
                 assert isinstance(step, Relay)
+                if leader:
+                    # Nothing will be stored: release the waiters now, not after the relay.
+                    store.flights.finish(key, False)
+                    leader = False
                 if client is None:
                     return self._not_refreshed(step.outcome)
                 if resp is None:

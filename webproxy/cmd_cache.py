@@ -1,6 +1,7 @@
 """`webproxy purge URL...` and `webproxy cache stats`: cache administration, also while a proxy
-runs on the same directory (the store is process-safe; a purge bumps a generation counter that
-running proxies check at least once a second to drop their in-memory copies)."""
+runs on the same directory (the store is process-safe; a purge bumps the directory's generation
+counter, which running proxies read on every lookup, so the next request after `purge` returns is a
+miss: see cache.generation)."""
 
 from __future__ import annotations
 
