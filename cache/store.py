@@ -48,6 +48,7 @@ from cache.key import BadURL, split_url
 from cache.memory import MemoryTier
 from cache.model import Headers, Policy, StoredResponse
 from cache.rows import MODE_FILE, MODE_INDEX, MODE_INLINE, EntryDisk, Row, VaryIndex, dump_head, load_head
+from cache.writefailures import WriteFailures
 
 _MODES_SQL = f"({MODE_INLINE}, {MODE_FILE}, {MODE_INDEX})"
 _ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
@@ -140,6 +141,8 @@ class Store:
         self._cache = _open_cache(directory, timeout, settings)
         self.memory = MemoryTier(memory_capacity, memory_object_size)
         self.flights = Flights()
+        self.write_failures = WriteFailures()
+        self._undeleted: set[str] = set()  # abandoned body files that could not be removed yet
         self._tmp_dir = os.path.join(directory, "tmp")
         os.makedirs(self._tmp_dir, exist_ok=True)
         self._tag_pid = -1
@@ -178,6 +181,17 @@ class Store:
                 except OSError:
                     pass
         return removed
+
+    def discard(self, path: str) -> None:
+        """Remove an abandoned body file (a fill that did not complete). One that cannot be removed
+        now (the directory turned read-only) is tried again by maintain(), so its space comes back."""
+        try:
+            os.unlink(path)
+            self._undeleted.discard(path)
+        except FileNotFoundError:
+            self._undeleted.discard(path)
+        except OSError:
+            self._undeleted.add(path)
 
     def tmp_path(self) -> str:
         pid = os.getpid()
@@ -323,10 +337,16 @@ class Store:
                 for k in dropped:
                     self._cache.delete(k)
                 self._cache.set(key, row, tag=tag)
-        except (diskcache.Timeout, sqlite3.Error, OSError):
+        except diskcache.Timeout:  # busy: not a failure of the disk
             if filename is not None:
                 self._cache.disk.remove(filename)
             return False
+        except (sqlite3.Error, OSError) as e:  # a full disk, a read-only directory
+            self.write_failures.failed("storing an entry", e)
+            if filename is not None:
+                self._cache.disk.remove(filename)
+            return False
+        self.write_failures.stored()
         for k in dropped:
             self.memory.pop(k)
         self.memory.pop(url_key)
@@ -356,7 +376,10 @@ class Store:
                     (sqlite3.Binary(blob), hit.key, mode, filename),
                 )
                 changed = cur.rowcount == 1
-        except (diskcache.Timeout, sqlite3.Error):
+        except diskcache.Timeout:
+            return False
+        except (sqlite3.Error, OSError) as e:
+            self.write_failures.failed("updating an entry", e)
             return False
         if changed:
             size = len(hit.body) if hit.body is not None else _HEAD_COST
@@ -451,13 +474,19 @@ class Store:
     # --- eviction ---------------------------------------------------------------------------
 
     def maintain(self) -> int:
-        """Flush counters and cull until under capacity (in batches of 10 rows per transaction).
-        Meant for an executor thread or a timer; commits already cull a bounded batch."""
+        """Flush counters, remove abandoned body files left behind, and cull until under capacity
+        (in batches of 10 rows per transaction). Meant for an executor thread or a timer; commits
+        already cull a bounded batch."""
         self.flush()
+        for path in list(self._undeleted):
+            self.discard(path)
         try:
             return self._cache.cull()
         except diskcache.Timeout as e:
             return e.args[0] if e.args else 0
+        except (sqlite3.Error, OSError) as e:
+            self.write_failures.failed("evicting", e)
+            return 0
 
     # --- removal ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ about other processes or crashes)."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import signal
 import subprocess
@@ -12,8 +13,10 @@ import textwrap
 
 import pytest
 
+import cache.fill
 from cache.model import StoredResponse
 from cache.store import Store
+from cache.writefailures import WriteFailures
 from tests.cache_support import ROOT, T0, Clock
 
 
@@ -496,3 +499,78 @@ def test_a_file_backed_body_small_enough_for_memory_is_served_from_memory_after_
     second = store.lookup("http://e.com/m", [])
     assert first.body == second.body == body_of("http://e.com/m", 64 << 10)
     assert second.in_memory and second.file is None
+
+
+class FailingFile:
+    """A body file whose writes fail as on a full disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        open(path, "wb").close()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(28, "No space left on device", self.path)
+
+    def close(self) -> None:
+        raise OSError(28, "No space left on device", self.path)
+
+
+async def test_a_write_error_abandons_the_fill_quietly_releases_its_waiters_and_removes_its_file(store, monkeypatch):
+    def failing_open(path, mode="r", *args, **kw):
+        return FailingFile(path) if "w" in mode else builtins.open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(cache.fill, "open", failing_open, raising=False)
+    store.flights.join("http://e.com/full")
+    waiter = asyncio.ensure_future(store.flights.join("http://e.com/full")[0].wait(30))
+    await asyncio.sleep(0)
+    f = store.begin_fill("http://e.com/full", head(100_000))
+    for _ in range(10):
+        f.write(b"x" * 10_000)  # never raises
+    assert not f.active and not f.commit()
+    assert await waiter is False
+    assert tmp_files(store) == [] and store.lookup("http://e.com/full", []) is None
+    assert store.write_failures.unreported == 1 and "No space left on device" in store.write_failures.reason
+
+
+def test_a_fill_in_a_directory_that_cannot_be_written_stores_nothing_and_raises_nothing(store, monkeypatch):
+    monkeypatch.setattr(store, "tmp_path", lambda: os.path.join(store.directory, "gone", "x.part"))
+    f = store.begin_fill("http://e.com/ro", head(50_000))
+    f.write(b"y" * 50_000)
+    assert not f.commit() and store.lookup("http://e.com/ro", []) is None
+    assert store.write_failures.failing
+    assert fill(store, "http://e.com/small", 100)  # inline entries still go to SQLite
+    assert not store.write_failures.failing
+
+
+def test_a_body_file_that_cannot_be_removed_now_is_removed_by_maintain(store, monkeypatch):
+    path = os.path.join(store.directory, "tmp", "left.part")
+    open(path, "wb").close()
+    real_unlink = os.unlink
+
+    def read_only(p):
+        raise OSError(30, "Read-only file system", p)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    store.discard(path)
+    assert os.path.exists(path)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    store.maintain()
+    assert not os.path.exists(path)
+
+
+def test_write_failures_are_reported_at_most_once_a_minute_and_recovery_once():
+    w = WriteFailures(every=60)
+    assert w.report(0) is None
+    for _ in range(17):
+        w.failed("writing a body", OSError(28, "No space left on device"))
+    line = w.report(100)
+    assert line is not None and "No space left on device" in line and "17 failed write(s)" in line
+    w.failed("storing an entry", OSError(28, "No space left on device"))
+    assert [w.report(t) for t in (101, 130, 159.9)] == [None, None, None]
+    line = w.report(160)
+    assert line is not None and "1 failed write(s)" in line and "storing an entry" in line
+    w.stored()
+    assert w.report(161) == "cache: storing again"
+    assert w.report(162) is None
+    w.stored()  # nothing failed since: nothing to say
+    assert w.report(300) is None

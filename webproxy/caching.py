@@ -272,7 +272,11 @@ class CacheLayer:
         else:
             self.store.count_miss()
             extra = [("X-Cache", f"MISS from {self.name}")]
-        return await self.answers.relay(client.req, client.rw, client.ex, resp, sink=fill, extra=extra)
+        try:
+            return await self.answers.relay(client.req, client.rw, client.ex, resp, sink=fill, extra=extra)
+        finally:
+            if fill is not None:
+                self.report_write_failures()
 
     async def _fill_quietly(self, resp: OriginResponse, fill: Any, outcome: str) -> str:
         """A background refresh's new body: into the store, nobody to relay it to."""
@@ -288,6 +292,7 @@ class CacheLayer:
             if fill.active:
                 fill.abort()
             await resp.close(clean)
+            self.report_write_failures()
 
     # ---- serving from the store -------------------------------------------------------------------
     def _head(self, rw: ResponseWriter, ex: Exchange, d: Decision, now: float, tag: str) -> int | None:
@@ -394,6 +399,13 @@ class CacheLayer:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
+    def report_write_failures(self) -> None:
+        """The store's line about failed writes (a full disk), when one is due: at most one a
+        minute however many fills fail (cache.writefailures)."""
+        line = self.store.write_failures.report(time.monotonic())
+        if line is not None:
+            self.env.log_error(line)
+
     async def _maintain_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -402,6 +414,7 @@ class CacheLayer:
                 await loop.run_in_executor(None, self.store.maintain)
             except Exception as e:
                 self.env.log_error(f"cache maintenance failed: {e!r}")
+            self.report_write_failures()
 
     def status_rows(self) -> list[tuple[str, str]]:
         s = self.store.stats()
