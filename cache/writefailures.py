@@ -24,32 +24,33 @@ class WriteFailures:
         self.every = every
         self.unreported = 0  # failed writes since the last line
         self.reason = ""
-        self.failing = False
+        self.failing = False  # the latest write failed
         self._reported_at: float | None = None  # when the last "cannot store" line was given
-        self._recovered = False  # storing works again after a reported failure: say so once
+        self._said_failing = False  # the last line said "cannot store": say "storing again" once
 
     def failed(self, what: str, error: BaseException) -> None:
         """A write failed while `what` (e.g. "writing a body")."""
         self.unreported += 1
         self.reason = f"{what}: {describe(error)}"
         self.failing = True
-        self._recovered = False
 
     def stored(self) -> None:
         """A response was stored."""
-        if self.failing:
-            self.failing = False
-            self._recovered = self._reported_at is not None
+        self.failing = False
 
     def report(self, now: float) -> str | None:
-        """The line to log now, if any (`now`: a monotonic clock in seconds)."""
+        """The line to log now, if any (`now`: a monotonic clock in seconds). Flapping between
+        failing and storing gives at most one line of each kind per `every` seconds."""
         if self.unreported and (self._reported_at is None or now - self._reported_at >= self.every):
             n, self.unreported = self.unreported, 0
             self._reported_at = now
+            self._said_failing = True
             return (f"cache: cannot store ({self.reason}); {n} failed write(s) since the last message; "
                     f"clients get their responses from the origin in full, and storing is tried again "
                     f"with every response (this message: at most once per {self.every:g}s)")
-        if self._recovered and not self.unreported:
-            self._recovered = False
-            return "cache: storing again"
+        if not self.failing and self._said_failing:
+            self._said_failing = False
+            n, self.unreported = self.unreported, 0
+            more = f" ({n} more failed write(s) since the last message)" if n else ""
+            return "cache: storing again" + more
         return None

@@ -574,3 +574,15 @@ def test_write_failures_are_reported_at_most_once_a_minute_and_recovery_once():
     assert w.report(162) is None
     w.stored()  # nothing failed since: nothing to say
     assert w.report(300) is None
+
+
+def test_storage_flapping_between_failing_and_working_logs_at_most_one_line_of_each_kind_a_minute():
+    w = WriteFailures(every=60)
+    lines = []
+    for t in range(120):  # a failure and a success every second for two minutes
+        w.failed("writing a body", OSError(28, "No space left on device"))
+        lines.append(w.report(t))
+        w.stored()
+        lines.append(w.report(t + 0.5))
+    said = [line for line in lines if line]
+    assert [line.split(" (")[0].split(";")[0] for line in said] == ["cache: cannot store", "cache: storing again"] * 2
