@@ -18,7 +18,7 @@ from tests.support import proxy_get
 
 TMPFS_SIZE = 16 << 20
 OBJECT_SIZE = 3 << 20  # larger than what is left free: every fill fails mid-body
-CLIENTS = 12
+CLIENTS = 30  # as many concurrent fills as the issue saw cut short
 
 
 def mount(*args: str) -> subprocess.CompletedProcess[bytes]:
