@@ -48,7 +48,7 @@ from cache.key import BadURL, split_url
 from cache.memory import MemoryTier
 from cache.model import Headers, Policy, StoredResponse
 from cache.rows import MODE_FILE, MODE_INDEX, MODE_INLINE, EntryDisk, Row, VaryIndex, dump_head, load_head
-from cache.writefailures import WriteFailures
+from cache.writefailures import WriteFailures, describe
 
 _MODES_SQL = f"({MODE_INLINE}, {MODE_FILE}, {MODE_INDEX})"
 _ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
@@ -61,6 +61,10 @@ REFRESH_STAT_NAMES = ("refreshes", "refresh_304", "refresh_replaced", "refresh_f
 COUNTER_NAMES = STAT_NAMES + REFRESH_STAT_NAMES
 FLUSH_INTERVAL = 1.0
 _HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
+
+
+class StoreWriteError(Exception):
+    """The store could not be changed (a full disk, a read-only directory); the message says why."""
 
 
 @dataclass(slots=True)
@@ -504,12 +508,18 @@ class Store:
                 urls.append(url)
         if dry_run or not keys:
             return urls
-        for i in range(0, len(keys), 200):
-            with self._cache.transact(retry=True):
-                for k in keys[i : i + 200]:
-                    self._cache.delete(k, retry=True)
-        self._gen = self.generation.bump()
-        self.memory.clear()
+        try:
+            for i in range(0, len(keys), 200):
+                with self._cache.transact(retry=True):
+                    for k in keys[i : i + 200]:
+                        self._cache.delete(k, retry=True)
+        except (sqlite3.Error, OSError) as e:  # a full disk: even a delete needs room in the log
+            self.write_failures.failed("removing entries", e)
+            raise StoreWriteError(f"cannot remove from the cache: {describe(e)}") from None
+        finally:
+            # Whatever went, no process may serve it from memory any more.
+            self._gen = self.generation.bump()
+            self.memory.clear()
         return urls
 
     def purge(self, url_key: str, dry_run: bool = False) -> bool:
@@ -541,8 +551,16 @@ class Store:
         return self._remove(self._keys(), dry_run)
 
     def invalidate(self, url_keys: list[str]) -> int:
-        """Invalidation after an unsafe method (see cache.invalidation): how many URLs were removed."""
-        return sum(1 for k in url_keys if self.purge(k))
+        """Invalidation after an unsafe method (see cache.invalidation): how many URLs were removed.
+        A store that cannot be written (a full disk) removes what it can and says so through
+        `write_failures`: the unsafe method's own answer must still reach its client."""
+        removed = 0
+        for k in url_keys:
+            try:
+                removed += self.purge(k)
+            except StoreWriteError:
+                pass
+        return removed
 
     def urls(self) -> list[str]:
         """Every cached URL (for listings)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import proxy_get
+from tests.support import curl, proxy_get
 
 TMPFS_SIZE = 16 << 20
 OBJECT_SIZE = 3 << 20  # larger than what is left free: every fill fails mid-body
@@ -54,8 +54,8 @@ def fill_up(d: Path, leave: int) -> Path:
                 f.flush()
         except OSError:
             pass
-    free = shutil.disk_usage(d).free
-    os.truncate(filler, max(0, filler.stat().st_size + free - leave - (1 << 20)))
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler
 
 
@@ -90,14 +90,26 @@ def test_a_full_disk_never_cuts_a_download_and_storing_resumes_when_space_return
     tag = f"full-{time.monotonic_ns()}"
     urls = [origin.put(f"{tag}-{i}", body_of(i), Cache_Control="max-age=600") for i in range(CLIENTS)]
     small = origin.put(f"{tag}-small", b"s" * 1000, Cache_Control="max-age=600")
+    posted = origin.put(f"{tag}-posted", b"p" * 1000, Cache_Control="max-age=600")
+    assert proxy_get(disk_proxy, posted)[2] == b"p" * 1000  # stored while there is space
     filler = fill_up(small_disk, leave=512 << 10)
     free_before = shutil.disk_usage(small_disk).free
 
     results = download_all(disk_proxy, urls)
     assert [(s, len(b)) for s, b in results] == [(200, OBJECT_SIZE)] * CLIENTS
     assert all(b == body_of(i) for i, (_, b) in enumerate(results))
+    # The space of the abandoned fills came back.
+    assert part_files(small_disk) == []
+    assert shutil.disk_usage(small_disk).free >= free_before - (256 << 10)
     for _ in range(3):  # small objects too (inline in SQLite): served whole, whatever is stored
         assert proxy_get(disk_proxy, small)[2] == b"s" * 1000
+    fill_up(small_disk, leave=0)  # not a page left, for SQLite either
+    for _ in range(3):
+        assert proxy_get(disk_proxy, small)[2] == b"s" * 1000
+    # A POST invalidates what is stored for its URL (RFC 9111 4.4): its answer is relayed even
+    # when the database cannot be written.
+    r = curl("-x", disk_proxy.url, "-s", "-X", "POST", "-d", "x", "-w", " %{http_code}", posted)
+    assert r.stdout == b"p" * 1000 + b" 200", r.stdout[-200:]
 
     # Nothing half-written: the next request for each is a miss, served whole from the origin.
     names = [f"{tag}-{i}" for i in range(CLIENTS)]
@@ -105,9 +117,6 @@ def test_a_full_disk_never_cuts_a_download_and_storing_resumes_when_space_return
     status, fields, body = proxy_get(disk_proxy, urls[0])
     assert (status, body) == (200, body_of(0)) and fields["x-cache"].startswith("MISS")
     assert origin.full[names[0]] == 2
-    # The space of the abandoned fills came back.
-    assert part_files(small_disk) == []
-    assert shutil.disk_usage(small_disk).free >= free_before - (256 << 10)
     # One line says why, however many fills failed; no traceback.
     lines = cannot_store_lines(disk_proxy)
     assert len(lines) == 1 and "No space left on device" in lines[0], disk_proxy.stderr()[-2000:]

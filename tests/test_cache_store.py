@@ -7,6 +7,7 @@ import asyncio
 import builtins
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 import cache.fill
 from cache.model import StoredResponse
-from cache.store import Store
+from cache.store import Store, StoreWriteError
 from cache.writefailures import WriteFailures
 from tests.cache_support import ROOT, T0, Clock
 
@@ -586,3 +587,19 @@ def test_storage_flapping_between_failing_and_working_logs_at_most_one_line_of_e
         lines.append(w.report(t + 0.5))
     said = [line for line in lines if line]
     assert [line.split(" (")[0].split(";")[0] for line in said] == ["cache: cannot store", "cache: storing again"] * 2
+
+
+def test_a_purge_on_a_full_disk_raises_one_clear_error_and_an_invalidation_raises_none(store, monkeypatch):
+    assert fill(store, "http://e.com/stuck", 100)
+    assert store.lookup("http://e.com/stuck", []).in_memory
+
+    def full(*args, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store._cache, "transact", full)
+    with pytest.raises(StoreWriteError, match="database or disk is full"):
+        store.purge("http://e.com/stuck")
+    assert store.invalidate(["http://e.com/stuck"]) == 0
+    assert store.write_failures.failing
+    hit = store.lookup("http://e.com/stuck", [])
+    assert hit is not None and not hit.in_memory  # the memory copy went; the row could not

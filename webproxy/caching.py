@@ -25,7 +25,7 @@ from cache.freshness import age_header_value
 from cache.key import BadURL, cache_key
 from cache.model import SAFE_METHODS, StoredResponse
 from cache.model import Request as CacheRequest
-from cache.store import Hit, Store
+from cache.store import Hit, Store, StoreWriteError
 from cache.transaction import Answer, Fetch, Pass, Relay, Serve, Step
 from cache.transaction import Store as StoreStep
 from webproxy import logcodes
@@ -382,8 +382,11 @@ class CacheLayer:
         if not self.env.is_admin(conn.client_ip):
             return self.answers.deny(rw, ex, 403, f"access denied: PURGE is for admin clients "
                                      f"(access.admin_clients); {conn.client_ip} is not one")
-        removed = self.store.purge(key)
         ex.code = logcodes.MISS
+        try:
+            removed = self.store.purge(key)
+        except StoreWriteError as e:
+            return self.answers.error(rw, ex, 503, f"{key} could not be purged: {e}")
         if not removed:
             return self.answers.error(rw, ex, 404, f"{key} was not in the cache")
         ex.status = 200

@@ -11,7 +11,7 @@ import os
 import sys
 
 from cache.key import BadURL, cache_key
-from cache.store import Store
+from cache.store import Store, StoreWriteError
 from webproxy.config import load
 
 
@@ -85,6 +85,9 @@ def purge_main(args: argparse.Namespace) -> int:
             print(url)
         if args.dry_run:
             print(f"(dry run: {len(removed)} URL(s) would be removed)", file=sys.stderr)
+    except StoreWriteError as e:
+        print(f"webproxy purge: {e}", file=sys.stderr)
+        status = 1
     finally:
         store.close()
     return status
