@@ -5,7 +5,8 @@ Only a request whose answer can be shared leads a flight (`may_lead`): one that 
 could stall on its own client before the origin ever answers, and one the origin will answer with
 206, 304 or under no-store leaves its waiters nothing to use. The leader ends its flight as soon as
 its answer turns out not storable, so waiters go to the origin themselves at once, not after the
-relay or `collapse_wait`.
+relay or `collapse_wait`; likewise when its client stops reading mid-body (the fill goes on at that
+client's pace, the waiters need not).
 """
 
 from __future__ import annotations
@@ -76,10 +77,17 @@ class Flights:
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
 
-    def finish(self, key: str, committed: bool) -> None:
-        """End the flight for `key` (idempotent); waiters wake up."""
-        flight = self._flights.pop(key, None)
-        if flight is not None:
+    def finish(self, key: str, committed: bool, flight: Flight | None = None) -> None:
+        """End the flight for `key` (idempotent); waiters wake up. `flight`: end that one only (a
+        released flight may have been replaced by a new one for the same key meanwhile)."""
+        current = self._flights.get(key)
+        if flight is None:
+            flight = current
+        if flight is None:
+            return
+        if current is flight:
+            del self._flights[key]
+        if flight.committed is None:
             flight.committed = committed
             flight._event.set()
 

@@ -60,6 +60,7 @@ class Fill:
         self.store = store
         self.url_key = url_key
         self.stored = stored
+        self.flight = store.flights.get(url_key)  # the leader's flight, ended by commit or abort
         self.expected = expected_length(stored.headers)
         self.received = 0
         self.state = "open"
@@ -114,7 +115,7 @@ class Fill:
             self.state = "committed" if ok else "aborted"
             if not ok:
                 self._discard()
-            self.store.flights.finish(self.url_key, ok)
+            self.store.flights.finish(self.url_key, ok, self.flight)
         return ok
 
     def abort(self) -> None:
@@ -122,7 +123,12 @@ class Fill:
             return
         self.state = "aborted"
         self._discard()
-        self.store.flights.finish(self.url_key, False)
+        self.store.flights.finish(self.url_key, False, self.flight)
+
+    def release_waiters(self) -> None:
+        """Let the requests waiting for this fill go to the origin themselves (the client it
+        streams to stopped reading); the fill itself goes on, at that client's pace."""
+        self.store.flights.finish(self.url_key, False, self.flight)
 
     def _discard(self) -> None:
         if self._file is not None:

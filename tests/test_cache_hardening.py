@@ -66,38 +66,57 @@ def test_a_get_whose_body_never_ends_does_not_make_others_wait(cproxy, make_orig
         stalled.close()
 
 
-def test_waiters_are_released_when_the_leaders_answer_is_not_storable(cproxy, make_origin):
-    o = make_origin()
-    big = 64 << 20
+def huge_then_small(o, path: str, cache_control: str) -> str:
+    """Route `path` on origin `o`: after DELAY, the first request gets a 64 MiB body (which a client
+    that reads none of it stalls after a few MiB), later ones `small`. Returns the URL."""
 
-    async def first_huge_then_small(request: web.Request) -> web.StreamResponse:
-        n = o.hits["/not-storable"]
+    async def handler(request: web.Request) -> web.StreamResponse:
+        first = o.hits[path] == 1
         await asyncio.sleep(DELAY)
-        resp = web.StreamResponse(headers={"Cache-Control": "no-store"})
-        resp.content_length = big if n == 1 else 5
+        resp = web.StreamResponse(headers={"Cache-Control": cache_control})
+        resp.content_length = (64 << 20) if first else 5
         await resp.prepare(request)
-        if n == 1:  # the leader's client reads none of it: the relay stalls after a few MiB
+        if first:
             block = b"z" * 65536
-            for _ in range(big // 65536):
+            for _ in range(1024):
                 await resp.write(block)
         else:
             await resp.write(b"small")
         return resp
 
-    o.route("GET", "/not-storable", first_huge_then_small)
+    o.route("GET", path, handler)
     o.start()
-    url = o.url("/not-storable")
-    leader = socket.create_connection(("127.0.0.1", cproxy.port))
+    return o.url(path)
+
+
+def waiter_behind_a_leader_that_never_reads(proxy, o, path: str, url: str) -> float:
+    """A leader that asks for `url` and reads nothing, then a second client: its time, checked."""
+    leader = socket.create_connection(("127.0.0.1", proxy.port))
     try:
         leader.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        wait_until(lambda: o.hits["/not-storable"] == 1)  # the leader's flight is in the air
-        elapsed, status, _, body = timed_get(cproxy, url)
-        assert (status, body) == (200, b"small")
-        # released when the leader's head said no-store (at most DELAY), then its own fetch (DELAY)
-        assert elapsed < 2 * DELAY + 2.5, f"the waiter waited {elapsed:.1f}s for a response it could not use"
-        assert o.hits["/not-storable"] == 2
+        wait_until(lambda: o.hits[path] == 1)  # the leader's flight is in the air
+        elapsed, status, _, body = timed_get(proxy, url)
+        assert (status, body) == (200, b"small")  # its own fetch, not the leader's
+        assert o.hits[path] == 2
+        return elapsed
     finally:
         leader.close()
+
+
+def test_waiters_are_released_when_the_leaders_answer_is_not_storable(cproxy, make_origin):
+    o = make_origin()
+    url = huge_then_small(o, "/not-storable", "no-store")
+    elapsed = waiter_behind_a_leader_that_never_reads(cproxy, o, "/not-storable", url)
+    # released when the leader's head said no-store (at most DELAY), then its own fetch (DELAY)
+    assert elapsed < 2 * DELAY + 2.5, f"the waiter waited {elapsed:.1f}s for a response it could not use"
+
+
+def test_a_leader_whose_client_stops_reading_releases_the_waiters(cproxy, make_origin):
+    o = make_origin()
+    url = huge_then_small(o, "/slow-reader", "max-age=600")
+    elapsed = waiter_behind_a_leader_that_never_reads(cproxy, o, "/slow-reader", url)
+    # the leader's answer (DELAY), its client idle for about a second, then its own fetch (DELAY)
+    assert elapsed < 2 * DELAY + 1.5 + 2.5, f"the waiter waited {elapsed:.1f}s for a client that never reads"
 
 
 def test_a_waiter_still_gets_the_leaders_stored_copy(cproxy, origin):

@@ -603,3 +603,15 @@ def test_a_purge_on_a_full_disk_raises_one_clear_error_and_an_invalidation_raise
     assert store.write_failures.failing
     hit = store.lookup("http://e.com/stuck", [])
     assert hit is not None and not hit.in_memory  # the memory copy went; the row could not
+
+
+async def test_a_fill_that_released_its_waiters_still_stores_and_never_ends_the_next_flight(store):
+    flight, _ = store.flights.join("http://e.com/r")
+    f = store.begin_fill("http://e.com/r", head(3))
+    f.release_waiters()  # its client stopped reading
+    assert await flight.wait(1) is False
+    newer, leader = store.flights.join("http://e.com/r")
+    assert leader and newer is not flight
+    f.write(b"abc")
+    assert f.commit() and store.lookup("http://e.com/r", []).body == b"abc"
+    assert store.flights.get("http://e.com/r") is newer and newer.committed is None

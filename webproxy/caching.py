@@ -21,6 +21,7 @@ from typing import Any
 
 from cache import conditional, invalidation, transaction
 from cache.decision import Action, Decision, decide, head_for
+from cache.fill import Fill
 from cache.freshness import age_header_value
 from cache.key import BadURL, cache_key
 from cache.model import SAFE_METHODS, StoredResponse
@@ -39,6 +40,9 @@ from webproxy.origin import Opener, OriginResponse
 READ_CHUNK = 256 * 1024
 SENDFILE_MIN = 64 * 1024  # below this a read and one write cost less than a sendfile call (measured)
 MAINTAIN_EVERY = 5.0
+# A leader whose client took no byte for this long releases the requests waiting for its fill: they
+# fetch for themselves rather than at the pace of a client that may never read again.
+LEADER_STALL = 1.0
 
 
 def origin_headers(resp: OriginResponse) -> Headers:
@@ -265,17 +269,19 @@ class CacheLayer:
     def _relay_tag(outcome: str) -> str:
         return logcodes.MISS if outcome == transaction.MISS else logcodes.revalidation(outcome)
 
-    async def _relay(self, client: Client, resp: OriginResponse, outcome: str, fill: Any) -> bool:
+    async def _relay(self, client: Client, resp: OriginResponse, outcome: str, fill: Fill | None) -> bool:
         client.ex.code = self._relay_tag(outcome)
         if outcome == conditional.FORWARD_ERROR:
             extra = None
         else:
             self.store.count_miss()
             extra = [("X-Cache", f"MISS from {self.name}")]
+        watch = StallWatch(client.rw, fill) if fill is not None else None
         try:
             return await self.answers.relay(client.req, client.rw, client.ex, resp, sink=fill, extra=extra)
         finally:
-            if fill is not None:
+            if watch is not None:
+                watch.cancel()
                 self.report_write_failures()
 
     async def _fill_quietly(self, resp: OriginResponse, fill: Any, outcome: str) -> str:
@@ -431,6 +437,34 @@ class CacheLayer:
         with contextlib.suppress(Exception):
             await asyncio.gather(self._maintainer, *self.background, return_exceptions=True)
         self.store.close()
+
+
+class StallWatch:
+    """Releases a fill's waiters when its client takes no byte for LEADER_STALL seconds (checked
+    twice per period: one timer per relaying leader, nothing per chunk)."""
+
+    def __init__(self, rw: ResponseWriter, fill: Fill) -> None:
+        self.rw = rw
+        self.fill = fill
+        self.seen = -1
+        self.idle = 0.0
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_later(LEADER_STALL / 2, self.check)
+
+    def check(self) -> None:
+        if not self.fill.active:
+            return
+        if self.rw.nbytes != self.seen:
+            self.seen, self.idle = self.rw.nbytes, 0.0
+        else:
+            self.idle += LEADER_STALL / 2
+            if self.idle >= LEADER_STALL:
+                self.fill.release_waiters()
+                return
+        self.handle = self.loop.call_later(LEADER_STALL / 2, self.check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 async def send_file(rw: ResponseWriter, fd: int, start: int, count: int) -> None:
