@@ -38,17 +38,18 @@ class Generation:
         finally:
             os.close(fd)  # closing the descriptor leaves the mapping in place
 
-    def value(self) -> int:
-        return struct.unpack_from(_FORMAT, self._map)[0]
+    def value(self) -> bytes:
+        """The current generation, as an opaque token to compare (a slice: the cheapest read)."""
+        return self._map[:_SIZE]
 
-    def bump(self) -> int:
-        """One more than before, under a lock so two purges at once do not share a value."""
+    def bump(self) -> bytes:
+        """Move to the next generation, under a lock so two purges at once do not share one;
+        returns its token."""
         fd = os.open(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            value = self.value() + 1
-            struct.pack_into(_FORMAT, self._map, 0, value)
-            return value
+            struct.pack_into(_FORMAT, self._map, 0, struct.unpack_from(_FORMAT, self._map)[0] + 1)
+            return self.value()
         finally:
             os.close(fd)  # releases the lock
 

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 import cache.fill
+from cache.generation import Generation
 from cache.model import StoredResponse
 from cache.store import Store, StoreWriteError
 from cache.writefailures import WriteFailures
@@ -615,3 +616,15 @@ async def test_a_fill_that_released_its_waiters_still_stores_and_never_ends_the_
     f.write(b"abc")
     assert f.commit() and store.lookup("http://e.com/r", []).body == b"abc"
     assert store.flights.get("http://e.com/r") is newer and newer.committed is None
+
+
+def test_the_purge_generation_is_shared_through_the_directory_and_never_repeats(tmp_path):
+    a, b = Generation(str(tmp_path)), Generation(str(tmp_path))  # as two processes would map it
+    seen = {a.value()}
+    for _ in range(5):
+        token = b.bump()
+        assert a.value() == token and token not in seen
+        seen.add(token)
+    out = run_py("import sys\nfrom cache.generation import Generation\nGeneration(sys.argv[1]).bump()", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert a.value() not in seen
