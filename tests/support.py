@@ -413,9 +413,12 @@ class PeakRss:
 
 class RawOrigin:
     """A socket origin that accepts any method (aiohttp's own parser knows only a fixed list) and
-    answers each request with its request line."""
+    answers each request with its request line, or with the exact bytes `reply` (then closes the
+    connection when `close`). `lines` records the request lines it received."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes | None = None, close: bool = False) -> None:
+        self.reply = reply
+        self.close_after_reply = close
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -442,4 +445,15 @@ class RawOrigin:
                     head, buf = buf.split(b"\r\n\r\n", 1)
                     line = head.split(b"\r\n")[0]
                     self.lines.append(line)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(line), line))
+                    if self.reply is None:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(line), line))
+                        continue
+                    conn.sendall(self.reply)
+                    if self.close_after_reply:
+                        break
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.sock.close()

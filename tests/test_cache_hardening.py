@@ -12,7 +12,7 @@ import time
 import pytest
 from aiohttp import web
 
-from tests.support import proxy_get, run_webproxy
+from tests.support import RawClient, RawOrigin, header, proxy_get, run_webproxy
 
 DELAY = 1.0  # the origin's own delay before it answers
 COLLAPSE_WAIT = 20.0  # how long a waiter would wait for a stalled leader before the fix
@@ -176,6 +176,25 @@ def test_content_range_on_a_stored_response_is_stored_and_returned(cproxy, origi
     _, fields, body = proxy_get(cproxy, url)
     assert body == b"abc" and origin.full["content-range"] == 1 and fields["x-cache"].startswith("HIT")
     assert fields["content-range"] == "bytes 0-2/3"
+
+
+def test_an_interim_response_is_neither_stored_nor_merged_into_the_stored_final_one(cproxy):
+    o = RawOrigin(reply=b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\nX-Interim: yes\r\n\r\n"
+                        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 5\r\n\r\nfinal")
+    url = o.url("/hinted")
+    try:
+        answers = []
+        for _ in range(2):
+            c = RawClient(cproxy.port)
+            c.send(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answers.append(c.response())  # (any 1xx passed on is skipped by h11 here)
+            c.close()
+        for resp, body in answers:
+            assert (resp.status_code, body) == (200, b"final")
+            assert header(resp, "x-interim") is None and header(resp, "link") is None
+        assert header(answers[1][0], "x-cache").startswith("HIT") and len(o.lines) == 1
+    finally:
+        o.stop()
 
 
 # --- item 12: a Cache-Control that does not parse is not stored ---------------------------------------
