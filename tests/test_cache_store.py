@@ -628,3 +628,19 @@ def test_the_purge_generation_is_shared_through_the_directory_and_never_repeats(
     out = run_py("import sys\nfrom cache.generation import Generation\nGeneration(sys.argv[1]).bump()", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert a.value() not in seen
+
+
+def test_a_database_that_turned_read_only_stores_nothing_and_leaves_no_body_file(store, monkeypatch):
+    def read_only(*args, **kw):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(store._cache, "transact", read_only)
+    f = store.begin_fill("http://e.com/ro-db", head(100_000))
+    f.write(b"z" * 100_000)  # a body file
+    assert not f.commit()
+    assert tmp_files(store) == [] and store.write_failures.failing
+    assert "readonly database" in store.write_failures.reason
+    monkeypatch.undo()
+    assert store.lookup("http://e.com/ro-db", []) is None
+    files = [n for _, _, names in os.walk(store.directory) for n in names if n.endswith(".val")]
+    assert files == []  # the body renamed into place was removed again
