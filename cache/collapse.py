@@ -16,15 +16,15 @@ import asyncio
 from cache import cachecontrol
 from cache.model import Request, get_one
 
-# A miss is forwarded with these as the client sent them (cache.conditional.revalidation_request_
-# headers is for revalidations): the answer is expected to be a 206 or a 304, which is not stored.
+# A miss is forwarded with these fields as the client sent them (only a revalidation swaps them for
+# the cache's own validators): the answer is then expected to be a 206 or a 304, never stored.
 _PARTIAL_OR_CONDITIONAL = ("range", "if-range", "if-none-match", "if-modified-since", "if-match",
                            "if-unmodified-since")
 
 
 def has_body(request: Request) -> bool:
-    """RFC 9112 6.3: a request has content when it carries Transfer-Encoding or a Content-Length
-    other than 0."""
+    """RFC 9112 6: a request has content when it carries Transfer-Encoding or a Content-Length
+    (other than 0, which is no content to wait for)."""
     if get_one(request.headers, "transfer-encoding") is not None:
         return True
     length = get_one(request.headers, "content-length")
