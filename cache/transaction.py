@@ -133,7 +133,11 @@ def after_fetch(request: Request, fetch: Fetch, status: int | None, headers: Hea
     o = conditional.revalidation_outcome(request, stored, status, headers, request_time, response_time, policy)
     if o.action == conditional.UPDATE:
         assert o.stored is not None
-        return Serve(respond(request, o.stored), conditional.UPDATE, update=o.stored)
+        # The merged response is stored anew, so the rules for storing apply to it (RFC 9111 3): a
+        # 304 whose Cache-Control does not parse, or says private or no-store, updates nothing.
+        # This client still gets the merged answer; the stored one stays stale, validated again.
+        keep = is_storable(request, o.stored.status, o.stored.headers)
+        return Serve(respond(request, o.stored), conditional.UPDATE, update=o.stored if keep else None)
     if o.action == conditional.SERVE_STALE:
         return Serve(respond(request, stored), conditional.SERVE_STALE)
     if o.action == conditional.REFETCH:

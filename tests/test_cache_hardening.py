@@ -207,3 +207,16 @@ def test_a_cache_control_that_does_not_parse_is_not_shared_with_another_client(c
     proxy_get(cproxy, url, "Cookie: user=alice")
     _, fields, body = proxy_get(cproxy, url)
     assert origin.full[name] == 2 and fields["x-cache"].startswith("MISS")
+
+
+@pytest.mark.parametrize("value", ['private="unterminated, max-age=600', "private, max-age=600"])
+def test_a_304_that_makes_the_stored_response_private_or_malformed_is_not_stored(cproxy, origin, value):
+    name = f"cc-304-{len(value)}"
+    url = origin.put(name, b"v1 body", Cache_Control="max-age=1", ETag='"v1"')
+    proxy_get(cproxy, url)
+    time.sleep(1.5)
+    origin.put(name, b"v1 body", Cache_Control=value, ETag='"v1"')
+    assert proxy_get(cproxy, url)[2] == b"v1 body"  # revalidated: a 304 that says "private"
+    assert proxy_get(cproxy, url, "Cookie: someone=else")[2] == b"v1 body"
+    assert origin.conditional[name] == 2  # not answered from the store: validated again
+    assert origin.full[name] == 1

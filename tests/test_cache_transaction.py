@@ -67,6 +67,14 @@ def test_a_matching_304_updates_and_serves_the_stored_response():
     assert step.update is not None and ("Cache-Control", "max-age=600") in step.update.headers
 
 
+def test_a_304_that_makes_the_stored_response_unstorable_updates_nothing():
+    s = stored(FRESH)
+    for cc in ('private="unterminated', "no-store", "private", "max-age=600;"):
+        step = after(req(), Fetch(s), 304, [("ETag", '"v1"'), ("Cache-Control", cc)])
+        assert isinstance(step, Serve) and step.outcome == conditional.UPDATE and step.update is None, cc
+        assert ("Cache-Control", cc) in step.decision.stored.headers  # this client gets the merged answer
+
+
 def test_a_304_for_another_validator_refetches_unconditionally():
     step = after(req(), Fetch(stored(FRESH)), 304, [("ETag", '"other"')])
     assert step == Fetch(None, conditional.REFETCH, lead=True) and not step.conditional

@@ -169,6 +169,8 @@ class CacheLayer:
                             store.update(hit, step.update)
                             hit.stored = step.update
                     if client is None:
+                        if step.outcome == conditional.UPDATE and step.update is None:
+                            return conditional.FORWARD_ERROR  # nothing stored: the entry is as it was
                         return step.outcome
                     assert hit is not None
                     if step.background and store.flights.get(key) is None and step.decision.stored is not None:
