@@ -14,6 +14,7 @@ Never imports `webproxy`. Modules, one job each:
     collapse      collapsed forwarding (one fetch per key in flight)
     eviction      the GDSF score and diskcache eviction policy
     store         Store: lookup, publish, update, purge, counters
+    generation    the purge generation every process of a cache directory reads on each lookup
     fill          Fill: a body streaming into the store
     rows          the diskcache row format (diskcache.Disk subclass)
     memory        the in-process memory tier
@@ -34,15 +35,18 @@ How a front end uses it (one request; `now` = time.time(), headers as (str, str)
         store.count_hit(bytes_sent, memory=hit.in_memory)
         SWR: also revalidate in the background, as below, without a client.
     MISS:
-        flight, leader = store.flights.join(key)
-        not leader: if await flight.wait(collapse_wait): look up again; else fetch yourself.
+        flight, leader = store.flights.join(key) if collapse.may_lead(rq) else (store.flights.get(key), False)
+        a flight, not leader: if await flight.wait(collapse_wait): look up again; else fetch yourself.
         leader: fetch (request_time before sending, response_time when the head arrives);
         if storable.is_storable(rq, status, origin_headers):
             stored = storable.make_stored(rq, status, reason, origin_headers, t_req, t_resp)
             fill = store.begin_fill(key, stored)   # fill.write(chunk) ...; fill.commit() / abort()
-            (commit/abort end the flight; a Content-Length mismatch is never published)
-        else: store.flights.finish(key, False)
+            (commit/abort end the flight; a Content-Length mismatch is never published;
+            fill.release_waiters() when the client stops reading: the fill goes on)
+        else: store.flights.finish(key, False) at once: the waiters fetch for themselves
         store.count_miss()
+        A fill never raises on a write error (a full disk): it abandons itself and counts the failure
+        in store.write_failures, whose report(now) is the line to log (at most one a minute).
     REVALIDATE:
         fetch with conditional.revalidation_request_headers(headers, d.stored)
         o = conditional.revalidation_outcome(rq, d.stored, status_or_None, headers_or_None,

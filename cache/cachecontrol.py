@@ -4,7 +4,14 @@ All field lines are combined. Directive names are case-insensitive; arguments ma
 quoted strings (5.2: recipients accept both forms). A directive seen twice is remembered in
 `duplicated` so freshness can treat a repeated max-age/s-maxage as invalid (4.2.1: "either the
 first occurrence should be used or the response should be considered stale": we choose stale,
-the safe reading). Malformed members are skipped rather than failing the whole header.
+the safe reading).
+
+A list that does not parse as `#( token [ "=" ( token / quoted-string ) ] )` (RFC 9111 5.2, list
+syntax RFC 9110 5.6.1: empty members and OWS around them are fine, and so is whitespace around
+"=", which is unambiguous) sets `malformed`; a shared cache does not store such a response
+(cache.storable), since it cannot tell what was meant: `private="unterminated` was meant private.
+The members that do parse are still read, and a malformed member that starts with a directive
+name still counts as that directive (its argument unusable), so a request's `no-store;` is not lost.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from cache.model import Headers, get_all
 # 1.2.2: a delta-seconds too large to represent is taken as 2^31.
 DELTA_MAX = 2147483648
 
-_MEMBER = re.compile(
-    r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^,"\s]*)))?\s*(?:,|$)'
-)
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEMBER = re.compile(rf'[ \t]*({_TOKEN})(?:[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN})))?[ \t]*(?:,|$)')
+_EMPTY = re.compile(r"[ \t]*(?:,|$)")  # an empty list member (RFC 9110 5.6.1.2: accepted)
+_NAME = re.compile(rf"[ \t]*({_TOKEN})[ \t]*(=?)")
 
 
 class Invalid:
@@ -36,6 +44,7 @@ INVALID = Invalid()
 class Directives:
     values: dict[str, str | None] = field(default_factory=dict)
     duplicated: set[str] = field(default_factory=set)
+    malformed: bool = False  # some member did not parse (see the module docstring)
 
     def __contains__(self, name: str) -> bool:
         return name in self.values
@@ -68,30 +77,44 @@ def parse_delta(arg: str | None) -> int | Invalid:
 
 def parse_value(value: str) -> Directives:
     d = Directives()
-    pos = 0
-    while pos < len(value):
+    pos, end = 0, len(value)
+    while pos < end:
+        m = _EMPTY.match(value, pos)
+        if m and m.end() > pos:
+            pos = m.end()
+            continue
         m = _MEMBER.match(value, pos)
-        if not m or m.end() == pos:
-            # Skip a malformed member up to the next comma.
+        if m:
+            pos = m.end()
+            name = m.group(1).lower()
+            arg = m.group(2) if m.group(2) is not None else m.group(3)
+            if m.group(2) is not None:
+                arg = re.sub(r"\\(.)", r"\1", arg)
+        else:
+            # Not a directive: note it, and keep its name (if it starts with one) with the raw,
+            # unusable rest as argument, up to the next comma.
+            d.malformed = True
             nxt = value.find(",", pos)
-            if nxt < 0:
-                break
+            nxt = end if nxt < 0 else nxt
+            named = _NAME.match(value, pos, nxt)
             pos = nxt + 1
-            continue
-        pos = m.end()
-        name = m.group(1).lower()
-        arg = m.group(2) if m.group(2) is not None else m.group(3)
-        if m.group(2) is not None:
-            arg = re.sub(r"\\(.)", r"\1", arg)
-        if name in d.values:
-            d.duplicated.add(name)
-            if d.values[name] != arg and name in ("no-cache", "private"):
-                # Merge field-name lists; an unqualified one wins (most restrictive).
-                a, b = d.values[name], arg
-                d.values[name] = None if a is None or b is None else f"{a}, {b}"
-            continue
-        d.values[name] = arg
+            if named is None:
+                continue
+            name = named.group(1).lower()
+            arg = value[named.end() : nxt].strip() if named.group(2) else None
+        _add(d, name, arg)
     return d
+
+
+def _add(d: Directives, name: str, arg: str | None) -> None:
+    if name in d.values:
+        d.duplicated.add(name)
+        if d.values[name] != arg and name in ("no-cache", "private"):
+            # Merge field-name lists; an unqualified one wins (most restrictive).
+            a, b = d.values[name], arg
+            d.values[name] = None if a is None or b is None else f"{a}, {b}"
+        return
+    d.values[name] = arg
 
 
 def parse(headers: Headers, name: str = "cache-control") -> Directives:

@@ -157,7 +157,10 @@ def respond(request: Request, stored: StoredResponse, reason: str = "", present:
     return Decision(Action.HIT, stored, stored.status, reason=reason)
 
 
-_NO_LENGTH = {"content-length", "content-range", "transfer-encoding"}
+# Framing fields are the cache's own to write (the stored body's length). Content-Range is not one:
+# on a stored response it is a field like any other, stored and returned (RFC 9111 3.1), and only
+# replaced where the cache answers a range itself (206, 416).
+_NO_LENGTH = {"content-length", "transfer-encoding"}
 
 
 def head_for(decision: Decision, now: float) -> tuple[int, str, Headers]:
@@ -178,8 +181,9 @@ def head_for(decision: Decision, now: float) -> tuple[int, str, Headers]:
     if decision.status == 206:
         r = decision.byte_range
         assert r is not None
+        base = [(k, v) for k, v in base if k.lower() != "content-range"]
         return 206, "Partial Content", base + [("Content-Range", r.content_range(size)), ("Content-Length", str(r.length))]
-    if decision.status == 416:
+    if decision.status == 416 and stored.status != 416:  # our answer to an unsatisfiable range
         keep = [(k, v) for k, v in base if k.lower() in ("date", "age", "etag", "last-modified", "cache-control")]
         return 416, "Range Not Satisfiable", keep + [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
     if stored.status == 204 or stored.status == 304 or stored.status < 200:

@@ -11,6 +11,10 @@ Decisions for a shared cache:
   user's cookie is never replayed to another (what Varnish and most CDNs do; Squid replays it).
 - `no-cache="field"` (5.2.2.4): the named fields are dropped from the stored copy, which makes the
   rest reusable without revalidation.
+- A Cache-Control list that does not parse (cache.cachecontrol) is not stored: what it meant
+  cannot be known, and guessing errs towards sharing (`private="x` was meant private).
+- Interim (1xx) responses are never stored (RFC 9110 15.2: they are not the answer to the
+  request), and never merged into a stored final response (cache.transaction).
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414
 UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | {302, 303, 307, 400, 403, 500, 502, 503, 504}
 
 
+def is_interim(status: int) -> bool:
+    """1xx (RFC 9110 15.2): an interim response, passed on to the client and followed by the final
+    response on the same request; never a response a cache stores or merges."""
+    return status < 200
+
 
 def has_explicit_freshness(cc: cachecontrol.Directives, headers: Headers) -> bool:
     return "max-age" in cc or "s-maxage" in cc or get_one(headers, "expires") is not None
@@ -34,12 +43,16 @@ def why_not_storable(request: Request, status: int, headers: Headers) -> str | N
     """None when a shared cache may store this response, else the reason it may not."""
     if request.method.upper() != "GET":
         return "method"
-    if status < 200 or status in (206, 304):
+    if is_interim(status):
+        return "interim"
+    if status in (206, 304):
         return "status"
     req = cachecontrol.request_directives(request.headers)
     if "no-store" in req:
         return "request no-store"
     cc = cachecontrol.parse(headers)
+    if cc.malformed:
+        return "malformed Cache-Control"
     if "must-understand" in cc:
         if status not in UNDERSTOOD_STATUSES:
             return "must-understand"

@@ -7,7 +7,8 @@ Layout (one diskcache.Cache in the cache directory, several processes may share 
   INLINE_MAX live in the row itself (head and body pickled together): one SQLite read, no file.
 - for a URL whose response has Vary, a small index row at the bare cache key lists the Vary field
   names, so a lookup is: index row -> variant row (both usually served from memory).
-- counters ("#stats:*") and the purge generation ("#generation") are rows without a tag.
+- counters ("#stats:*") are rows without a tag; the purge generation, which every lookup reads,
+  is a small mapped file beside the database (cache.generation).
 - GET and HEAD share the rows (the key has no method).
 
 Eviction is diskcache's own culling with a policy (cache.eviction) ordering rows by the GDSF
@@ -42,15 +43,16 @@ from cache import eviction, vary
 from cache.collapse import Flights
 from cache.fill import INLINE_MAX, Fill, process_tag
 from cache.freshness import stale_at
+from cache.generation import Generation
 from cache.key import BadURL, split_url
 from cache.memory import MemoryTier
 from cache.model import Headers, Policy, StoredResponse
 from cache.rows import MODE_FILE, MODE_INDEX, MODE_INLINE, EntryDisk, Row, VaryIndex, dump_head, load_head
+from cache.writefailures import WriteFailures, describe
 
 _MODES_SQL = f"({MODE_INLINE}, {MODE_FILE}, {MODE_INDEX})"
 _ENTRY_MODES_SQL = f"({MODE_INLINE}, {MODE_FILE})"
 SEP = "\x01"  # between a cache key and a secondary key; cannot occur in a request target
-GEN_KEY = "#generation"
 STAT_PREFIX = "#stats:"
 STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved", "evictions")
 # Active refresh (webproxy.refresher): refreshes run, of which 304 (freshness extended), replaced
@@ -58,8 +60,11 @@ STAT_NAMES = ("hits", "mem_hits", "misses", "bytes_saved", "evictions")
 REFRESH_STAT_NAMES = ("refreshes", "refresh_304", "refresh_replaced", "refresh_failed", "refresh_hits")
 COUNTER_NAMES = STAT_NAMES + REFRESH_STAT_NAMES
 FLUSH_INTERVAL = 1.0
-GEN_CHECK_INTERVAL = 1.0
 _HEAD_COST = 1024  # memory-tier cost of a stored head whose body stays on disk
+
+
+class StoreWriteError(Exception):
+    """The store could not be changed (a full disk, a read-only directory); the message says why."""
 
 
 @dataclass(slots=True)
@@ -153,6 +158,8 @@ class Store:
         self._cache = _open_cache(directory, timeout, settings)
         self.memory = MemoryTier(memory_capacity, memory_object_size)
         self.flights = Flights()
+        self.write_failures = WriteFailures()
+        self._undeleted: set[str] = set()  # abandoned body files that could not be removed yet
         self._tmp_dir = os.path.join(directory, "tmp")
         os.makedirs(self._tmp_dir, exist_ok=True)
         self._tag_pid = -1
@@ -160,10 +167,9 @@ class Store:
         self._uses: dict[str, list[int]] = {}
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
         self.flush_interval = FLUSH_INTERVAL
-        self.gen_check_interval = GEN_CHECK_INTERVAL
         self._flushed = time.monotonic()
-        self._gen = self._cache.get(GEN_KEY, 0)
-        self._gen_checked = time.monotonic()
+        self.generation = Generation(directory)
+        self._gen = self.generation.value()
         self.clean_orphans()
 
     # --- housekeeping -----------------------------------------------------------------------
@@ -193,6 +199,17 @@ class Store:
                     pass
         return removed
 
+    def discard(self, path: str) -> None:
+        """Remove an abandoned body file (a fill that did not complete). One that cannot be removed
+        now (the directory turned read-only) is tried again by maintain(), so its space comes back."""
+        try:
+            os.unlink(path)
+            self._undeleted.discard(path)
+        except FileNotFoundError:
+            self._undeleted.discard(path)
+        except OSError:
+            self._undeleted.add(path)
+
     def tmp_path(self) -> str:
         pid = os.getpid()
         if pid != self._tag_pid:  # also right after a fork
@@ -202,6 +219,7 @@ class Store:
     def close(self) -> None:
         self.flush()
         self._cache.close()
+        self.generation.close()
 
     def __enter__(self) -> Store:
         return self
@@ -210,13 +228,6 @@ class Store:
         self.close()
 
     # --- reading ----------------------------------------------------------------------------
-
-    def _check_generation(self, mono: float) -> None:
-        self._gen_checked = mono
-        gen = self._cache.get(GEN_KEY, 0)
-        if gen != self._gen:
-            self._gen = gen
-            self.memory.clear()
 
     def _get(self, key: str, memory_only: bool = False) -> tuple[tuple, bool] | None:
         """(record, from_memory); record is ("index", names) or ("entry", head, body, path)."""
@@ -260,10 +271,11 @@ class Store:
         Counts as a use of the entry (popularity), whatever is then decided about it, unless
         `count_use` is False (the refresher's own look-ups; a caller that counts later with
         count_use()). `memory_only`: only the in-process memory tier is consulted (no SQLite)."""
-        mono = time.monotonic()
-        if mono - self._gen_checked >= self.gen_check_interval:
-            self._check_generation(mono)
-        if mono - self._flushed >= self.flush_interval:
+        gen = self.generation.value()
+        if gen != self._gen:  # another process purged: what the memory tier holds may be gone
+            self._gen = gen
+            self.memory.clear()
+        if time.monotonic() - self._flushed >= self.flush_interval:
             self.flush()
         got = self._get(url_key, memory_only)
         if got is None:
@@ -342,10 +354,16 @@ class Store:
                 for k in dropped:
                     self._cache.delete(k)
                 self._cache.set(key, row, tag=tag)
-        except (diskcache.Timeout, sqlite3.Error, OSError):
+        except diskcache.Timeout:  # busy: not a failure of the disk
             if filename is not None:
                 self._cache.disk.remove(filename)
             return False
+        except (sqlite3.Error, OSError) as e:  # a full disk, a read-only directory
+            self.write_failures.failed("storing an entry", e)
+            if filename is not None:
+                self._cache.disk.remove(filename)
+            return False
+        self.write_failures.stored()
         for k in dropped:
             self.memory.pop(k)
         self.memory.pop(url_key)
@@ -375,7 +393,10 @@ class Store:
                     (sqlite3.Binary(blob), hit.key, mode, filename),
                 )
                 changed = cur.rowcount == 1
-        except (diskcache.Timeout, sqlite3.Error):
+        except diskcache.Timeout:
+            return False
+        except (sqlite3.Error, OSError) as e:
+            self.write_failures.failed("updating an entry", e)
             return False
         if changed:
             size = len(hit.body) if hit.body is not None else _HEAD_COST
@@ -472,13 +493,19 @@ class Store:
     # --- eviction ---------------------------------------------------------------------------
 
     def maintain(self) -> int:
-        """Flush counters and cull until under capacity (in batches of 10 rows per transaction).
-        Meant for an executor thread or a timer; commits already cull a bounded batch."""
+        """Flush counters, remove abandoned body files left behind, and cull until under capacity
+        (in batches of 10 rows per transaction). Meant for an executor thread or a timer; commits
+        already cull a bounded batch."""
         self.flush()
+        for path in list(self._undeleted):
+            self.discard(path)
         try:
             n = self._cache.cull()
         except diskcache.Timeout as e:
             n = e.args[0] if e.args else 0
+        except (sqlite3.Error, OSError) as e:
+            self.write_failures.failed("evicting", e)
+            return 0
         self._cache.culled += n
         return n
 
@@ -498,12 +525,18 @@ class Store:
                 urls.append(url)
         if dry_run or not keys:
             return urls
-        for i in range(0, len(keys), 200):
-            with self._cache.transact(retry=True):
-                for k in keys[i : i + 200]:
-                    self._cache.delete(k, retry=True)
-        self._gen = self._cache.incr(GEN_KEY, 1, retry=True)
-        self.memory.clear()
+        try:
+            for i in range(0, len(keys), 200):
+                with self._cache.transact(retry=True):
+                    for k in keys[i : i + 200]:
+                        self._cache.delete(k, retry=True)
+        except (sqlite3.Error, OSError) as e:  # a full disk: even a delete needs room in the log
+            self.write_failures.failed("removing entries", e)
+            raise StoreWriteError(f"cannot remove from the cache: {describe(e)}") from None
+        finally:
+            # Whatever went, no process may serve it from memory any more.
+            self._gen = self.generation.bump()
+            self.memory.clear()
         return urls
 
     def purge(self, url_key: str, dry_run: bool = False) -> bool:
@@ -535,8 +568,16 @@ class Store:
         return self._remove(self._keys(), dry_run)
 
     def invalidate(self, url_keys: list[str]) -> int:
-        """Invalidation after an unsafe method (see cache.invalidation): how many URLs were removed."""
-        return sum(1 for k in url_keys if self.purge(k))
+        """Invalidation after an unsafe method (see cache.invalidation): how many URLs were removed.
+        A store that cannot be written (a full disk) removes what it can and says so through
+        `write_failures`: the unsafe method's own answer must still reach its client."""
+        removed = 0
+        for k in url_keys:
+            try:
+                removed += self.purge(k)
+            except StoreWriteError:
+                pass
+        return removed
 
     def urls(self) -> list[str]:
         """Every cached URL (for listings)."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cache import conditional
+from cache.collapse import may_lead
 from cache.decision import Action, Decision, decide, respond
 from cache.model import Headers, Policy, Request, StoredResponse
-from cache.storable import is_storable, make_stored
+from cache.storable import is_interim, is_storable, make_stored
 
 MISS = "miss"
 HIT = "hit"
@@ -39,10 +40,12 @@ class Serve:
 @dataclass(frozen=True, slots=True)
 class Fetch:
     """Ask the origin: with `stored`'s validators (a revalidation), or unconditionally (a miss or a
-    refetch). A miss joins the collapsed-forwarding flight of its key first."""
+    refetch). A miss first waits for the collapsed-forwarding flight of its key, if one is in the
+    air; when none is, it starts one only if `lead` (cache.collapse.may_lead)."""
 
     stored: StoredResponse | None = None
     outcome: str = MISS
+    lead: bool = False
 
     @property
     def conditional(self) -> bool:
@@ -102,7 +105,7 @@ def begin(request: Request, stored: StoredResponse | None, now: float, policy: P
         if request.method.upper() == "HEAD":
             return Pass()  # a HEAD does not refresh the stored GET: just ask the origin
         return Fetch(d.stored)
-    return Fetch()
+    return Fetch(lead=may_lead(request))
 
 
 def refresh(stored: StoredResponse) -> Fetch:
@@ -115,6 +118,11 @@ def after_fetch(request: Request, fetch: Fetch, status: int | None, headers: Hea
     """What the origin's answer to `fetch` means. `status` None: no answer at all (the driver then
     relays the failure unless stale may be served). `headers` must carry the declared
     Content-Length, which is how a short body is later told from a complete one."""
+    if status is not None and is_interim(status):
+        # A 1xx is not the answer to the request (RFC 9110 15.2): it is never stored nor merged into
+        # the stored response (RFC 9111 3, 4.3.4). The upstream client passes interim responses on
+        # and reads on to the final one; this keeps the rule true should one ever arrive here.
+        return Relay(fetch.outcome)
     if not fetch.conditional:
         if status is not None and request.method.upper() == "GET" and is_storable(request, status, headers or []):
             return Store(make_stored(request, status, reason, headers or [], request_time, response_time),
@@ -125,11 +133,15 @@ def after_fetch(request: Request, fetch: Fetch, status: int | None, headers: Hea
     o = conditional.revalidation_outcome(request, stored, status, headers, request_time, response_time, policy)
     if o.action == conditional.UPDATE:
         assert o.stored is not None
-        return Serve(respond(request, o.stored), conditional.UPDATE, update=o.stored)
+        # The merged response is stored anew, so the rules for storing apply to it (RFC 9111 3): a
+        # 304 whose Cache-Control does not parse, or says private or no-store, updates nothing.
+        # This client still gets the merged answer; the stored one stays stale, validated again.
+        keep = is_storable(request, o.stored.status, o.stored.headers)
+        return Serve(respond(request, o.stored), conditional.UPDATE, update=o.stored if keep else None)
     if o.action == conditional.SERVE_STALE:
         return Serve(respond(request, stored), conditional.SERVE_STALE)
     if o.action == conditional.REFETCH:
-        return Fetch(None, conditional.REFETCH)
+        return Fetch(None, conditional.REFETCH, may_lead(request))
     if o.action == conditional.REPLACE and status is not None and is_storable(request, status, headers or []):
         return Store(make_stored(request, status, reason, headers or [], request_time, response_time),
                      conditional.REPLACE)

@@ -341,6 +341,28 @@ def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
 
 
+def proxy_get(proxy: ProxyProcess, url: str, *headers: str, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """GET `url` through `proxy` with curl: (status, fields with lower-case names, body)."""
+    args = ["-x", proxy.url, "-s", "-D", "-", "-o", "-", url]
+    for h in headers:
+        args += ["-H", h]
+    out = curl(*args, timeout=timeout).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        fields[k.strip().lower()] = v.strip()
+    return int(lines[0].split()[1]), fields, body
+
+
+def run_webproxy(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`webproxy ARGS...` from this checkout, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
 class RawClient:
     """A client socket that writes raw bytes and reads responses with h11."""
 
@@ -457,9 +479,12 @@ class PeakRss:
 
 class MethodEchoOrigin:
     """A socket origin that accepts any method (aiohttp's own parser knows only a fixed list) and
-    answers each request with its request line."""
+    answers each request with its request line, or with the exact bytes `reply` (then closes the
+    connection when `close`). `lines` records the request lines it received."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes | None = None, close: bool = False) -> None:
+        self.reply = reply
+        self.close_after_reply = close
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -486,4 +511,15 @@ class MethodEchoOrigin:
                     head, buf = buf.split(b"\r\n\r\n", 1)
                     line = head.split(b"\r\n")[0]
                     self.lines.append(line)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(line), line))
+                    if self.reply is None:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(line), line))
+                        continue
+                    conn.sendall(self.reply)
+                    if self.close_after_reply:
+                        break
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.sock.close()

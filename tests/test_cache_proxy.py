@@ -8,34 +8,20 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.support import ROOT, RawClient, curl, header
+from tests.support import RawClient, curl, header
+from tests.support import proxy_get as get
+from tests.support import run_webproxy as run_cli
 
 
 @pytest.fixture
 def cproxy(make_proxy):
     """A proxy with the cache on (and active refresh off, so origin counters only see clients)."""
     return make_proxy({"refresh": {"enabled": False}})
-
-
-def get(proxy, url, *headers):
-    """GET through the proxy with curl: (status, headers dict lower-cased, body)."""
-    args = ["-x", proxy.url, "-s", "-D", "-", "-o", "-", url]
-    for h in headers:
-        args += ["-H", h]
-    out = curl(*args).stdout
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    fields = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        fields[k.strip().lower()] = v.strip()
-    return int(lines[0].split()[1]), fields, body
 
 
 def last_log(proxy, n=1):
@@ -229,11 +215,6 @@ def test_purge_method_is_refused_to_non_admin_clients(make_proxy, origin):
     assert curl("-x", p.url, "-X", "PURGE", "-i", url).stdout.startswith(b"HTTP/1.1 403")
     get(p, url)
     assert origin.full["purge-d"] == 1
-
-
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "webproxy", *args], capture_output=True, text=True, env=env, timeout=30)
 
 
 def test_webproxy_purge_command_works_while_the_proxy_runs(cproxy, origin):

@@ -208,6 +208,25 @@ def test_single_range_on_a_fresh_complete_object_is_a_206():
     assert get_one(headers, "content-range") == "bytes 10-19/100" and get_one(headers, "content-length") == "10"
 
 
+def test_a_stored_content_range_is_returned_like_any_other_field():
+    s = stored(FRESH60 + [("Content-Range", "bytes 0-99/100")], body_size=100)
+    status, _, headers = head_for(d(req(), s), T0 + 10)
+    assert status == 200 and get_one(headers, "content-range") == "bytes 0-99/100"
+    assert get_one(headers, "content-length") == "100"
+
+
+def test_a_range_served_from_the_cache_replaces_a_stored_content_range():
+    s = stored(FRESH60 + [("Content-Range", "bytes 0-99/100")], body_size=100)
+    _, _, headers = head_for(d(req(("Range", "bytes=10-19")), s), T0 + 10)
+    assert [v for k, v in headers if k.lower() == "content-range"] == ["bytes 10-19/100"]
+
+
+def test_a_stored_416_keeps_its_content_range():
+    s = stored([("Cache-Control", "max-age=60"), ("Content-Range", "bytes */5000")], status=416, body_size=0)
+    status, _, headers = head_for(d(req(), s), T0 + 10)
+    assert status == 416 and get_one(headers, "content-range") == "bytes */5000"
+
+
 def test_suffix_and_open_ranges():
     assert parse_range("bytes=-10", 100) == ByteRange(90, 99)
     assert parse_range("bytes=95-", 100) == ByteRange(95, 99)

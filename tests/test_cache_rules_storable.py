@@ -32,6 +32,22 @@ def test_partial_and_not_modified_responses_are_not_stored():
     assert why_not_storable(req(), 304, [("Cache-Control", "max-age=60")]) == "status"
 
 
+@pytest.mark.parametrize("status", [100, 101, 102, 103, 150, 199])
+def test_interim_responses_are_never_stored(status):
+    assert why_not_storable(req(), status, [("Cache-Control", "max-age=60, public")]) == "interim"
+
+
+@pytest.mark.parametrize("value", ['private="unterminated', 'no-cache="Set-Cookie', "max-age=600;", "public; max-age=600"])
+def test_a_cache_control_that_does_not_parse_is_not_stored_by_a_shared_cache(value):
+    assert why_not_storable(req(), 200, [("Cache-Control", value)]) == "malformed Cache-Control"
+    assert why_not_storable(req(), 200, [("Cache-Control", "max-age=600"), ("Cache-Control", value)]) \
+        == "malformed Cache-Control"
+
+
+def test_a_malformed_request_cache_control_does_not_stop_storing():
+    assert is_storable(req(("Cache-Control", "max-age=0;")), 200, [("Cache-Control", "max-age=600")])
+
+
 def test_only_get_responses_are_stored():
     assert why_not_storable(req(method="HEAD"), 200, []) == "method"
     assert why_not_storable(req(method="POST"), 200, [("Cache-Control", "max-age=60")]) == "method"
@@ -84,6 +100,11 @@ def test_stored_copy_drops_hop_by_hop_and_connection_listed_fields():
 def test_qualified_no_cache_fields_are_not_stored():
     kept = headers_to_store([("Cache-Control", 'no-cache="X-Secret"'), ("X-Secret", "s"), ("ETag", '"a"')])
     assert ("X-Secret", "s") not in kept and ("ETag", '"a"') in kept
+
+
+def test_content_range_is_stored_like_any_other_field():
+    fields = [("Content-Range", "bytes 0-2/3"), ("Content-Length", "3")]
+    assert ("Content-Range", "bytes 0-2/3") in headers_to_store(fields)
 
 
 def test_stored_header_names_keep_their_case():

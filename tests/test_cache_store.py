@@ -4,16 +4,21 @@ about other processes or crashes)."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+import cache.fill
+from cache.generation import Generation
 from cache.model import StoredResponse
-from cache.store import Store
+from cache.store import Store, StoreWriteError
+from cache.writefailures import WriteFailures
 from tests.cache_support import ROOT, T0, Clock
 
 
@@ -266,9 +271,7 @@ def test_memory_tier_drops_an_entry_purged_by_another_process(store):
     out = run_py("import sys\nfrom cache.store import Store\nprint(Store(sys.argv[1]).purge('http://e.com/hot'))",
                  store.directory)
     assert out.stdout.strip() == "True", out.stderr
-    # Within the check interval the memory copy may still answer; at the next check it must not.
-    store.gen_check_interval = 0
-    assert store.lookup("http://e.com/hot", []) is None
+    assert store.lookup("http://e.com/hot", []) is None  # the very next lookup: no memory-tier lag
 
 
 def test_popularity_is_written_in_batches_not_per_hit(store):
@@ -498,3 +501,146 @@ def test_a_file_backed_body_small_enough_for_memory_is_served_from_memory_after_
     second = store.lookup("http://e.com/m", [])
     assert first.body == second.body == body_of("http://e.com/m", 64 << 10)
     assert second.in_memory and second.file is None
+
+
+class FailingFile:
+    """A body file whose writes fail as on a full disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        open(path, "wb").close()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(28, "No space left on device", self.path)
+
+    def close(self) -> None:
+        raise OSError(28, "No space left on device", self.path)
+
+
+async def test_a_write_error_abandons_the_fill_quietly_releases_its_waiters_and_removes_its_file(store, monkeypatch):
+    def failing_open(path, mode="r", *args, **kw):
+        return FailingFile(path) if "w" in mode else builtins.open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(cache.fill, "open", failing_open, raising=False)
+    store.flights.join("http://e.com/full")
+    waiter = asyncio.ensure_future(store.flights.join("http://e.com/full")[0].wait(30))
+    await asyncio.sleep(0)
+    f = store.begin_fill("http://e.com/full", head(100_000))
+    for _ in range(10):
+        f.write(b"x" * 10_000)  # never raises
+    assert not f.active and not f.commit()
+    assert await waiter is False
+    assert tmp_files(store) == [] and store.lookup("http://e.com/full", []) is None
+    assert store.write_failures.unreported == 1 and "No space left on device" in store.write_failures.reason
+
+
+def test_a_fill_in_a_directory_that_cannot_be_written_stores_nothing_and_raises_nothing(store, monkeypatch):
+    monkeypatch.setattr(store, "tmp_path", lambda: os.path.join(store.directory, "gone", "x.part"))
+    f = store.begin_fill("http://e.com/ro", head(50_000))
+    f.write(b"y" * 50_000)
+    assert not f.commit() and store.lookup("http://e.com/ro", []) is None
+    assert store.write_failures.failing
+    assert fill(store, "http://e.com/small", 100)  # inline entries still go to SQLite
+    assert not store.write_failures.failing
+
+
+def test_a_body_file_that_cannot_be_removed_now_is_removed_by_maintain(store, monkeypatch):
+    path = os.path.join(store.directory, "tmp", "left.part")
+    open(path, "wb").close()
+    real_unlink = os.unlink
+
+    def read_only(p):
+        raise OSError(30, "Read-only file system", p)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    store.discard(path)
+    assert os.path.exists(path)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    store.maintain()
+    assert not os.path.exists(path)
+
+
+def test_write_failures_are_reported_at_most_once_a_minute_and_recovery_once():
+    w = WriteFailures(every=60)
+    assert w.report(0) is None
+    for _ in range(17):
+        w.failed("writing a body", OSError(28, "No space left on device"))
+    line = w.report(100)
+    assert line is not None and "No space left on device" in line and "17 failed write(s)" in line
+    w.failed("storing an entry", OSError(28, "No space left on device"))
+    assert [w.report(t) for t in (101, 130, 159.9)] == [None, None, None]
+    line = w.report(160)
+    assert line is not None and "1 failed write(s)" in line and "storing an entry" in line
+    w.stored()
+    assert w.report(161) == "cache: storing again"
+    assert w.report(162) is None
+    w.stored()  # nothing failed since: nothing to say
+    assert w.report(300) is None
+
+
+def test_storage_flapping_between_failing_and_working_logs_at_most_one_line_of_each_kind_a_minute():
+    w = WriteFailures(every=60)
+    lines = []
+    for t in range(120):  # a failure and a success every second for two minutes
+        w.failed("writing a body", OSError(28, "No space left on device"))
+        lines.append(w.report(t))
+        w.stored()
+        lines.append(w.report(t + 0.5))
+    said = [line for line in lines if line]
+    assert [line.split(" (")[0].split(";")[0] for line in said] == ["cache: cannot store", "cache: storing again"] * 2
+
+
+def test_a_purge_on_a_full_disk_raises_one_clear_error_and_an_invalidation_raises_none(store, monkeypatch):
+    assert fill(store, "http://e.com/stuck", 100)
+    assert store.lookup("http://e.com/stuck", []).in_memory
+
+    def full(*args, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store._cache, "transact", full)
+    with pytest.raises(StoreWriteError, match="database or disk is full"):
+        store.purge("http://e.com/stuck")
+    assert store.invalidate(["http://e.com/stuck"]) == 0
+    assert store.write_failures.failing
+    hit = store.lookup("http://e.com/stuck", [])
+    assert hit is not None and not hit.in_memory  # the memory copy went; the row could not
+
+
+async def test_a_fill_that_released_its_waiters_still_stores_and_never_ends_the_next_flight(store):
+    flight, _ = store.flights.join("http://e.com/r")
+    f = store.begin_fill("http://e.com/r", head(3))
+    f.release_waiters()  # its client stopped reading
+    assert await flight.wait(1) is False
+    newer, leader = store.flights.join("http://e.com/r")
+    assert leader and newer is not flight
+    f.write(b"abc")
+    assert f.commit() and store.lookup("http://e.com/r", []).body == b"abc"
+    assert store.flights.get("http://e.com/r") is newer and newer.committed is None
+
+
+def test_the_purge_generation_is_shared_through_the_directory_and_never_repeats(tmp_path):
+    a, b = Generation(str(tmp_path)), Generation(str(tmp_path))  # as two processes would map it
+    seen = {a.value()}
+    for _ in range(5):
+        token = b.bump()
+        assert a.value() == token and token not in seen
+        seen.add(token)
+    out = run_py("import sys\nfrom cache.generation import Generation\nGeneration(sys.argv[1]).bump()", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert a.value() not in seen
+
+
+def test_a_database_that_turned_read_only_stores_nothing_and_leaves_no_body_file(store, monkeypatch):
+    def read_only(*args, **kw):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(store._cache, "transact", read_only)
+    f = store.begin_fill("http://e.com/ro-db", head(100_000))
+    f.write(b"z" * 100_000)  # a body file
+    assert not f.commit()
+    assert tmp_files(store) == [] and store.write_failures.failing
+    assert "readonly database" in store.write_failures.reason
+    monkeypatch.undo()
+    assert store.lookup("http://e.com/ro-db", []) is None
+    files = [n for _, _, names in os.walk(store.directory) for n in names if n.endswith(".val")]
+    assert files == []  # the body renamed into place was removed again

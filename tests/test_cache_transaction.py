@@ -16,7 +16,7 @@ def begin(request, s, now=T0 + 1):
 
 def test_nothing_stored_is_an_unconditional_fetch():
     step = begin(req(), None)
-    assert step == Fetch() and not step.conditional and step.outcome == transaction.MISS
+    assert step == Fetch(lead=True) and not step.conditional and step.outcome == transaction.MISS
 
 
 def test_fresh_is_served_and_stale_is_revalidated_with_its_validator():
@@ -67,9 +67,17 @@ def test_a_matching_304_updates_and_serves_the_stored_response():
     assert step.update is not None and ("Cache-Control", "max-age=600") in step.update.headers
 
 
+def test_a_304_that_makes_the_stored_response_unstorable_updates_nothing():
+    s = stored(FRESH)
+    for cc in ('private="unterminated', "no-store", "private", "max-age=600;"):
+        step = after(req(), Fetch(s), 304, [("ETag", '"v1"'), ("Cache-Control", cc)])
+        assert isinstance(step, Serve) and step.outcome == conditional.UPDATE and step.update is None, cc
+        assert ("Cache-Control", cc) in step.decision.stored.headers  # this client gets the merged answer
+
+
 def test_a_304_for_another_validator_refetches_unconditionally():
     step = after(req(), Fetch(stored(FRESH)), 304, [("ETag", '"other"')])
-    assert step == Fetch(None, conditional.REFETCH) and not step.conditional
+    assert step == Fetch(None, conditional.REFETCH, lead=True) and not step.conditional
 
 
 def test_a_new_200_replaces_the_stored_response():
@@ -90,3 +98,31 @@ def test_an_origin_failure_is_relayed_unless_stale_may_be_served():
 def test_a_refresh_always_revalidates_what_is_stored():
     s = stored(FRESH)
     assert transaction.refresh(s) == Fetch(s)
+
+
+def test_an_interim_response_is_never_stored_nor_merged_into_the_stored_response():
+    fields = [("Cache-Control", "max-age=600"), ("ETag", '"v1"'), ("Content-Length", "3")]
+    s = stored(FRESH)
+    for status in (100, 102, 103, 199):
+        assert after(req(), Fetch(), status, fields) == Relay(transaction.MISS)
+        step = after(req(), Fetch(s), status, fields)
+        assert isinstance(step, Relay) and not isinstance(step, (Serve, Store))
+
+
+def test_only_a_miss_whose_answer_can_be_shared_leads_a_collapsed_fetch():
+    leads = [req(), req(("Content-Length", "0")), req(("Authorization", "Basic eA==")),
+             req(("Cache-Control", "max-age=0"))]
+    for r in leads:
+        assert begin(r, None).lead, r.headers
+    waits_or_fetches_alone = [
+        req(("Content-Length", "100")),  # a body its client may never finish
+        req(("Transfer-Encoding", "chunked")),
+        req(method="HEAD"),  # a HEAD's answer is not stored
+        req(("Range", "bytes=0-9")),  # forwarded as is on a miss: a 206 is not stored
+        req(("If-None-Match", '"v1"')),  # likewise a 304
+        req(("If-Modified-Since", http_date(T0))),
+        req(("Cache-Control", "no-store")),
+    ]
+    for r in waits_or_fetches_alone:
+        step = begin(r, None)
+        assert isinstance(step, Fetch) and not step.lead, (r.method, r.headers)

@@ -21,11 +21,12 @@ from typing import Any
 
 from cache import conditional, invalidation, transaction
 from cache.decision import Action, Decision, decide, head_for
+from cache.fill import Fill
 from cache.freshness import age_header_value
 from cache.key import BadURL, cache_key
 from cache.model import SAFE_METHODS, StoredResponse
 from cache.model import Request as CacheRequest
-from cache.store import Hit, Store
+from cache.store import Hit, Store, StoreWriteError
 from cache.transaction import Answer, Fetch, Pass, Relay, Serve, Step
 from cache.transaction import Store as StoreStep
 from webproxy import logcodes
@@ -39,6 +40,9 @@ from webproxy.origin import Opener, OriginResponse
 READ_CHUNK = 256 * 1024
 SENDFILE_MIN = 64 * 1024  # below this a read and one write cost less than a sendfile call (measured)
 MAINTAIN_EVERY = 5.0
+# A leader whose client took no byte for this long releases the requests waiting for its fill: they
+# fetch for themselves rather than at the pace of a client that may never read again.
+LEADER_STALL = 1.0
 
 
 def origin_headers(resp: OriginResponse) -> Headers:
@@ -165,6 +169,8 @@ class CacheLayer:
                             store.update(hit, step.update)
                             hit.stored = step.update
                     if client is None:
+                        if step.outcome == conditional.UPDATE and step.update is None:
+                            return conditional.FORWARD_ERROR  # nothing stored: the entry is as it was
                         return step.outcome
                     assert hit is not None
                     if step.background and store.flights.get(key) is None and step.decision.stored is not None:
@@ -181,8 +187,11 @@ class CacheLayer:
                     return None if client is not None else transaction.MISS
                 if isinstance(step, Fetch):
                     if not step.conditional and not leader:
-                        flight, leader = store.flights.join(key)
-                        if not leader and client is not None and step.outcome == transaction.MISS:
+                        # Only a request whose answer can be shared leads; any miss waits for a
+                        # flight already in the air.
+                        flight, leader = store.flights.join(key) if step.lead else (store.flights.get(key), False)
+                        if flight is not None and not leader and client is not None \
+                                and step.outcome == transaction.MISS:
                             # Someone is already fetching this URL: wait for their copy.
                             follower = True
                             if await flight.wait(self.env.cfg.cache["collapse_wait"]):
@@ -230,6 +239,10 @@ class CacheLayer:
                     r, resp = resp, None
                     return await self._relay(client, r, step.outcome, fill)
                 assert isinstance(step, Relay)
+                if leader:
+                    # Nothing will be stored: release the waiters now, not after the relay.
+                    store.flights.finish(key, False)
+                    leader = False
                 if client is None:
                     return self._not_refreshed(step.outcome)
                 if resp is None:
@@ -258,14 +271,20 @@ class CacheLayer:
     def _relay_tag(outcome: str) -> str:
         return logcodes.MISS if outcome == transaction.MISS else logcodes.revalidation(outcome)
 
-    async def _relay(self, client: Client, resp: OriginResponse, outcome: str, fill: Any) -> bool:
+    async def _relay(self, client: Client, resp: OriginResponse, outcome: str, fill: Fill | None) -> bool:
         client.ex.code = self._relay_tag(outcome)
         if outcome == conditional.FORWARD_ERROR:
             extra = None
         else:
             self.store.count_miss()
             extra = [("X-Cache", f"MISS from {self.name}")]
-        return await self.answers.relay(client.req, client.rw, client.ex, resp, sink=fill, extra=extra)
+        watch = StallWatch(client.rw, fill) if fill is not None else None
+        try:
+            return await self.answers.relay(client.req, client.rw, client.ex, resp, sink=fill, extra=extra)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                self.report_write_failures()
 
     async def _fill_quietly(self, resp: OriginResponse, fill: Any, outcome: str) -> str:
         """A background refresh's new body: into the store, nobody to relay it to."""
@@ -281,6 +300,7 @@ class CacheLayer:
             if fill.active:
                 fill.abort()
             await resp.close(clean)
+            self.report_write_failures()
 
     # ---- serving from the store -------------------------------------------------------------------
     def _head(self, rw: ResponseWriter, ex: Exchange, d: Decision, now: float, tag: str) -> int | None:
@@ -370,8 +390,11 @@ class CacheLayer:
         if not self.env.is_admin(conn.client_ip):
             return self.answers.deny(rw, ex, 403, f"access denied: PURGE is for admin clients "
                                      f"(access.admin_clients); {conn.client_ip} is not one")
-        removed = self.store.purge(key)
         ex.code = logcodes.MISS
+        try:
+            removed = self.store.purge(key)
+        except StoreWriteError as e:
+            return self.answers.error(rw, ex, 503, f"{key} could not be purged: {e}")
         if not removed:
             return self.answers.error(rw, ex, 404, f"{key} was not in the cache")
         ex.status = 200
@@ -387,6 +410,13 @@ class CacheLayer:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
+    def report_write_failures(self) -> None:
+        """The store's line about failed writes (a full disk), when one is due: at most one a
+        minute however many fills fail (cache.writefailures)."""
+        line = self.store.write_failures.report(time.monotonic())
+        if line is not None:
+            self.env.log_error(line)
+
     async def _maintain_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -395,6 +425,7 @@ class CacheLayer:
                 await loop.run_in_executor(None, self.store.maintain)
             except Exception as e:
                 self.env.log_error(f"cache maintenance failed: {e!r}")
+            self.report_write_failures()
 
     async def close(self) -> None:
         self._maintainer.cancel()
@@ -403,6 +434,34 @@ class CacheLayer:
         with contextlib.suppress(Exception):
             await asyncio.gather(self._maintainer, *self.background, return_exceptions=True)
         self.store.close()
+
+
+class StallWatch:
+    """Releases a fill's waiters when its client takes no byte for LEADER_STALL seconds (checked
+    twice per period: one timer per relaying leader, nothing per chunk)."""
+
+    def __init__(self, rw: ResponseWriter, fill: Fill) -> None:
+        self.rw = rw
+        self.fill = fill
+        self.seen = -1
+        self.idle = 0.0
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_later(LEADER_STALL / 2, self.check)
+
+    def check(self) -> None:
+        if not self.fill.active:
+            return
+        if self.rw.nbytes != self.seen:
+            self.seen, self.idle = self.rw.nbytes, 0.0
+        else:
+            self.idle += LEADER_STALL / 2
+            if self.idle >= LEADER_STALL:
+                self.fill.release_waiters()
+                return
+        self.handle = self.loop.call_later(LEADER_STALL / 2, self.check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 async def send_file(rw: ResponseWriter, fd: int, start: int, count: int) -> None:

@@ -1,6 +1,7 @@
 """`webproxy purge URL...` and `webproxy cache stats`: cache administration, also while a proxy
-runs on the same directory (the store is process-safe; a purge bumps a generation counter that
-running proxies check at least once a second to drop their in-memory copies)."""
+runs on the same directory (the store is process-safe; a purge bumps the directory's generation
+counter, which running proxies read on every lookup, so the next request after `purge` returns is a
+miss: see cache.generation)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import sys
 
 from cache.key import BadURL, cache_key
-from cache.store import Store
+from cache.store import Store, StoreWriteError
 from webproxy.config import load
 
 
@@ -84,6 +85,9 @@ def purge_main(args: argparse.Namespace) -> int:
             print(url)
         if args.dry_run:
             print(f"(dry run: {len(removed)} URL(s) would be removed)", file=sys.stderr)
+    except StoreWriteError as e:
+        print(f"webproxy purge: {e}", file=sys.stderr)
+        status = 1
     finally:
         store.close()
     return status

@@ -29,7 +29,8 @@ class Exchange:
 
 
 class Sink(Protocol):
-    """Where a relayed body is copied as well (a cache fill)."""
+    """Where a relayed body is copied as well (a cache fill). It may fail: the client's response
+    never depends on it (see `Answers.relay`)."""
 
     def write(self, chunk: bytes) -> None: ...
 
@@ -80,7 +81,8 @@ class Answers:
     async def relay(self, req: Request, rw: ResponseWriter, ex: Exchange, resp: OriginResponse,
                     sink: Sink | None = None, extra: Headers | None = None) -> bool:
         """Stream an origin response to the client (and to `sink` when given: write(chunk) for every
-        chunk, then commit() after a complete body, or abort())."""
+        chunk, then commit() after a complete body, or abort()). A sink that fails is dropped and
+        the client's response goes on to its last byte: storing is never worth a cut download."""
         ex.status = resp.status
         ex.ctype = resp.header("content-type")
         headers = [*resp.headers, self.via(resp.version), *(extra or [])]
@@ -91,18 +93,14 @@ class Answers:
                 received = 0
                 async for chunk in resp.chunks():
                     if sink is not None:
-                        sink.write(chunk)
                         received += len(chunk)
-                        if received == resp.length:
-                            # Publish before the client has the last byte: its next request (maybe to
-                            # another worker process) must find the entry.
-                            sink.commit()
-                            sink = None
+                        # Publish before the client has the last byte: its next request (maybe to
+                        # another worker process) must find the entry.
+                        sink = self._feed(req, sink, chunk, commit=received == resp.length)
                     await rw.send(chunk)
             clean = True
             if sink is not None:
-                sink.commit()
-                sink = None
+                sink = self._feed(req, sink, None, commit=True)
             return rw.end()
         except OriginError as e:
             # The head is out: the only honest signal left is to cut the connection, so the client
@@ -113,5 +111,28 @@ class Answers:
             return False
         finally:
             if sink is not None:
-                sink.abort()
+                self._drop(req, sink, None)
             await resp.close(clean)
+
+    def _feed(self, req: Request, sink: Sink, chunk: bytes | None, commit: bool) -> Sink | None:
+        """Copy `chunk` into `sink` (and commit it when `commit`); the sink while it is still
+        wanted, None once committed or failed. A cache fill handles its own write errors (a full
+        disk); anything else it raises is logged once, in one line, and the fill abandoned."""
+        try:
+            if chunk is not None:
+                sink.write(chunk)
+            if commit:
+                sink.commit()
+                return None
+            return sink
+        except Exception as e:
+            self._drop(req, sink, e)
+            return None
+
+    def _drop(self, req: Request, sink: Sink, error: Exception | None) -> None:
+        if error is not None:
+            self.env.log_error(f"cache: not storing {req.target[:200]}: {error!r}")
+        try:
+            sink.abort()
+        except Exception as e:
+            self.env.log_error(f"cache: abandoning the copy of {req.target[:200]} failed: {e!r}")

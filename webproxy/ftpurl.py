@@ -13,8 +13,9 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from urllib.parse import unquote
+
+from cache.httpdate import parse_http_date
 
 DEFAULT_PORT = 21
 
@@ -165,8 +166,5 @@ def if_modified_since(headers: list[tuple[str, str]]) -> float | None:
     """The If-Modified-Since date as a POSIX timestamp, None when absent or unparsable."""
     for name, value in headers:
         if name.lower() == "if-modified-since":
-            try:
-                return parsedate_to_datetime(value).timestamp()
-            except (TypeError, ValueError, IndexError):
-                return None
+            return parse_http_date(value)  # not an HTTP-date: ignored (RFC 9110 13.1.3)
     return None
