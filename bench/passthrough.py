@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
     print()
     print_comparisons(comparisons)
-    print(f"webproxy/tinyproxy req/s: {ratio(figure('webproxy', 'rps'), figure('tinyproxy', 'rps'))}")
-    print(f"webproxy/direct    req/s: {ratio(figure('webproxy', 'rps'), figure('direct', 'rps'))}")
+    for other in ("tinyproxy", "direct"):
+        if figure("webproxy", "rps") and figure(other, "rps"):
+            print(f"webproxy/{other:<9} req/s: {ratio(figure('webproxy', 'rps'), figure(other, 'rps'))}")
     if any(r.wrk.closes_every_connection and not r.close for per in results.values() for r in per.values()):
         print(CLOSE_NOTE)
     for name, why in failures.items():
