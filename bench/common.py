@@ -20,6 +20,7 @@ import json
 import os
 import pwd
 import random
+import re
 import resource
 import shutil
 import signal
@@ -497,28 +498,51 @@ def run_wrk(port: int, target: str, host: str, duration: float, connections: int
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _read_stat(path: str) -> tuple[str, list[bytes]] | None:
+    """(comm, fields after "(comm)") of a /proc stat file: state ppid pgrp session ... utime(14) stime
+    cutime cstime; None if the process or thread is gone."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    comm = data[data.index(b"(") + 1:data.rindex(b")")].decode(errors="replace")
+    return comm, data[data.rindex(b")") + 2:].split()
+
+
+def _session_stats(sid: int, threads: bool = False):
+    """(tid, comm, stat fields) of every live process in session `sid` (threads=False: tid is the
+    pid), or of every thread of those processes (threads=True)."""
+    with os.scandir("/proc") as it:
+        pids = [entry.name for entry in it if entry.name.isdigit()]
+    for pid in pids:
+        stat = _read_stat(f"/proc/{pid}/stat")
+        if stat is None or int(stat[1][3]) != sid:
+            continue
+        if not threads:
+            yield int(pid), *stat
+            continue
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                stat = _read_stat(f"/proc/{pid}/task/{tid}/stat")
+                if stat is not None:
+                    yield int(tid), *stat
+
+
 def session_cpu_us(sid: int) -> float | None:
     """CPU time (utime+stime, plus cutime+cstime of reaped children) of every live process in
     session `sid`, in microseconds; None if no process is left.
 
     Every peer is started as a session leader, so this covers its workers and helpers (Squid's
     unlinkd, webproxy's forked workers) as well as threads."""
-    ticks, found = 0, False
-    with os.scandir("/proc") as it:
-        for entry in it:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            # Fields after "(comm)": state ppid pgrp session ... utime(14) stime cutime cstime.
-            fields = data[data.rindex(b")") + 2:].split()
-            if int(fields[3]) == sid:
-                ticks += sum(int(x) for x in fields[11:15])
-                found = True
-    return ticks * 1e6 / CLK_TCK if found else None
+    ticks = [sum(int(x) for x in fields[11:15]) for _tid, _comm, fields in _session_stats(sid)]
+    return sum(ticks) * 1e6 / CLK_TCK if ticks else None
+
+
+def thread_cpu_us(sid: int) -> dict[int, tuple[str, float]]:
+    """utime+stime of every thread in session `sid`, by thread id: (name, microseconds)."""
+    return {tid: (comm, sum(int(x) for x in fields[11:13]) * 1e6 / CLK_TCK)
+            for tid, comm, fields in _session_stats(sid, threads=True)}
 
 
 def machine_busy_us() -> float:
@@ -618,15 +642,20 @@ def profile_run(peer: Peer, port: int, target: str, origin: Origin, args: argpar
     spy = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         time.sleep(0.5)  # attached before the load starts; the load outlasts the sampling
+        before, started = thread_cpu_us(peer.proc.pid), time.monotonic()
         run_wrk(port, target, origin.authority, seconds + 1.5, args.connections, args.threads)
         text = spy.communicate(timeout=30)[0].decode(errors="replace")
+        after, wall = thread_cpu_us(peer.proc.pid), time.monotonic() - started
     finally:
         if spy.poll() is None:
             spy.kill()
             spy.wait()
     if spy.returncode != 0 or not speedscope.exists():
         raise PeerFailed(f"py-spy failed ({spy.returncode}):\n{text[-1500:]}")
-    top = top_functions(speedscope, seconds * args.profile_rate)
+    # Each thread's real CPU share (% of one CPU) while py-spy sampled, from /proc.
+    busy = {tid: (comm, 100 * (us - before.get(tid, (comm, 0.0))[1]) / 1e6 / wall)
+            for tid, (comm, us) in after.items()}
+    top = top_functions(speedscope, seconds * args.profile_rate, busy)
     (out / f"{stem}-top.txt").write_text(f"{stem}: {target} through {peer.name}, {args.connections} keep-alive "
                                          f"connections, py-spy {seconds}s at {args.profile_rate}/s\n{top}")
     print(f"profile {stem}: {speedscope} and {out / f'{stem}-top.txt'}", file=sys.stderr)
@@ -645,12 +674,16 @@ def short_file(path: str) -> str:
     return path
 
 
-def top_functions(speedscope: Path, expected: int, most: int = 25) -> str:
+def top_functions(speedscope: Path, expected: int, busy: dict[int, tuple[str, float]] | None = None,
+                  most: int = 25) -> str:
     """A `py-spy top`-style table from a speedscope file: functions by own samples, with their totals.
 
-    Lines of one function are merged.  `expected` (rate x seconds) gives each thread's share of the
-    time spent running (py-spy leaves out idle samples, such as waiting in epoll).  Own time of the
-    outermost frame (Runner.run) is time in the event loop's C code with no Python frame above it."""
+    Lines of one function are merged.  `expected` (rate x seconds) gives each thread's share of
+    samples that py-spy took as not idle.  py-spy can take a thread blocked in a lock wait (a
+    thread pool's idle worker) for a running one, so when `busy` (each thread's real CPU share in %
+    of one CPU, by thread id, from /proc) is given, threads under 5% are listed but left out of the
+    table.  Own time of the outermost frame (Runner.run) is time in the event loop's C code with
+    no Python frame above it."""
     data = json.loads(speedscope.read_text())
     names = [f"{f['name']} ({short_file(f.get('file', '?'))})" for f in data["shared"]["frames"]]
     own: collections.Counter[str] = collections.Counter()
@@ -658,8 +691,15 @@ def top_functions(speedscope: Path, expected: int, most: int = 25) -> str:
     lines = []
     for prof in data["profiles"]:
         stacks = [stack for stack in prof["samples"] if stack]  # one sample each, whatever the weight unit
+        m = re.search(r"Thread (\d+)", prof["name"])
+        cpu = busy.get(int(m.group(1))) if busy is not None and m else None
+        counted = cpu is None or cpu[1] >= 5
         lines.append(f"{prof['name']}: {len(stacks)} non-idle samples of about {expected} "
-                     f"({100 * len(stacks) / expected if expected else 0:.0f}% of the time)")
+                     f"({100 * len(stacks) / expected if expected else 0:.0f}%)"
+                     + ("" if cpu is None else f"; CPU {cpu[1]:.0f}% of one CPU")
+                     + ("" if counted else "; left out of the table"))
+        if not counted:
+            continue
         for stack in stacks:
             own[names[stack[-1]]] += 1
             for name in {names[i] for i in stack}:
@@ -824,6 +864,9 @@ class Comparison:
 
 
 def print_comparisons(comparisons: list[Comparison]) -> None:
+    if all(c.ratio is None for c in comparisons):
+        print("(no webproxy/squid ratios: they need both measured in the same run)")
+        return
     print_table(["webproxy/squid, same run", "ratio", "issue 9 target"], [c.cells() for c in comparisons])
 
 
