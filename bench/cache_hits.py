@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     PeerFailed,
     Run,
     add_common_args,
+    best,
     check_object,
     describe_checkout,
     explain_failure,
@@ -108,10 +109,42 @@ def measure(peer: Peer, origin: Origin, obj: str, args: argparse.Namespace, clos
                   x_cache)
 
 
+def measure_proxy(bench: Bench, origin: Origin, name: str, plan: list[tuple[str, str]], args: argparse.Namespace,
+                  runs: dict[tuple[str, str], list[HitRun]], failures: dict[str, str], profile: bool) -> None:
+    """One round for one proxy: start it with an empty cache, measure every (object, mode), stop it."""
+    progress(f"{name}: starting with its cache enabled")
+    try:
+        if name == "squid":
+            peer = bench.start_squid(origin, cache=True)
+        else:
+            peer = bench.start_webproxy(cache=True, workers=args.workers, root=args.webproxy_root)
+    except PeerFailed as e:
+        failures[name] = str(e)
+        print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+        return
+    try:
+        for obj, mode in plan:
+            what = f"{name} {LABELS[obj]} {mode}"
+            if what in failures:
+                continue
+            progress(f"{what}: warm cache, {args.warmup:g}s warm-up, {args.duration:g}s measured")
+            try:
+                runs.setdefault((obj, mode), []).append(measure(peer, origin, obj, args, close=mode == "close"))
+            except PeerFailed as e:
+                failures[what] = str(e)
+                print(f"{what}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+        if name == "webproxy" and profile:
+            for obj in args.object_list:
+                profile_run(peer, peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args, f"hits-{obj}")
+    finally:
+        bench.stop(peer)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # runs[proxy][(object, mode)]; mode is "keep-alive" or "close" (Connection: close on every request)
-    runs: dict[str, dict[tuple[str, str], HitRun | None]] = {p: {} for p in args.proxies}
+    # runs[proxy][(object, mode)]: one HitRun per round; mode is "keep-alive" or "close" (Connection:
+    # close on every request)
+    runs: dict[str, dict[tuple[str, str], list[HitRun]]] = {p: {} for p in args.proxies}
     plan = [(obj, "keep-alive") for obj in args.object_list]
     if args.new_conns and NEW_CONNS_OBJECT in args.object_list:
         plan.append((NEW_CONNS_OBJECT, "close"))
@@ -121,58 +154,42 @@ def main(argv: list[str] | None = None) -> int:
     with Bench(keep=args.keep) as bench:
         progress("starting nginx origin")
         origin = bench.start_origin()
-        for name in args.proxies:
-            progress(f"{name}: starting with its cache enabled")
-            try:
-                if name == "squid":
-                    peer = bench.start_squid(origin, cache=True)
-                else:
-                    peer = bench.start_webproxy(cache=True, workers=args.workers, root=args.webproxy_root)
-            except PeerFailed as e:
-                failures[name] = str(e)
-                print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
-                continue
-            try:
-                for obj, mode in plan:
-                    what = f"{name} {LABELS[obj]} {mode}"
-                    progress(f"{what}: warm cache, {args.warmup:g}s warm-up, {args.duration:g}s measured")
-                    try:
-                        runs[name][obj, mode] = measure(peer, origin, obj, args, close=mode == "close")
-                    except PeerFailed as e:
-                        runs[name][obj, mode] = None
-                        failures[what] = str(e)
-                        print(f"{what}: n/a: {explain_failure(str(e))}", file=sys.stderr)
-                if name == "webproxy" and args.profile:
-                    for obj in args.object_list:
-                        profile_run(peer, peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args,
-                                    f"hits-{obj}")
-            finally:
-                bench.stop(peer)
+        for rnd in range(1, args.rounds + 1):
+            for name in args.proxies:
+                if name not in failures:
+                    measure_proxy(bench, origin, name, plan, args, runs[name], failures,
+                                  profile=bool(args.profile) and rnd == args.rounds)
         if args.keep:
             print(f"configs, logs and caches kept in {bench.dir}", file=sys.stderr)
 
+    def best_hit(name: str, obj: str, mode: str = "keep-alive") -> HitRun | None:
+        hits = runs.get(name, {}).get((obj, mode))
+        top = best([h.run for h in hits]) if hits else None
+        return next(h for h in hits if h.run is top) if top else None
+
     def figure(name: str, obj: str, attr: str, mode: str = "keep-alive") -> float | None:
-        hit = runs.get(name, {}).get((obj, mode))
+        hit = best_hit(name, obj, mode)
         if hit is None:
             return None
         return hit.run.cpu_us_per_request if attr == "cpu" else getattr(hit.run.wrk, attr)
 
     print()
     print(f"Cache hits, GET /cache/* (Cache-Control: max-age=3600), {args.connections} connections, "
-          f"{args.threads} wrk threads, {args.duration:g}s each; close = Connection: close on every request; "
-          f"MB/s = 10^6 bytes/s received, heads included")
+          f"{args.threads} wrk threads, {args.duration:g}s each, best of {args.rounds} round(s); close = "
+          f"Connection: close on every request; MB/s = 10^6 bytes/s received, heads included")
     print(note)
     print(f"webproxy from {describe_checkout(args.webproxy_root)}, {args.workers} worker(s)")
     rows = []
     for name in args.proxies:
         for obj, mode in plan:
-            hit = runs[name].get((obj, mode))
-            cells = run_cells(hit.run if hit else None)
+            hit = best_hit(name, obj, mode)
+            cells = run_cells([h.run for h in runs[name].get((obj, mode), [])])
             mbps = fmt_num(hit.run.wrk.mbps, 1) if hit else "n/a"
+            fetched = sum(h.origin_fetches for h in runs[name].get((obj, mode), []))
             if hit is None:
                 hits = "n/a"
             else:
-                hits = "all" if hit.origin_fetches == 0 else f"NO: origin saw {hit.origin_fetches}"
+                hits = "all" if fetched == 0 else f"NO: origin saw {fetched}"
             rows.append([name, LABELS[obj], mode, cells[0], mbps, *cells[1:], hits])
     print_table(["proxy", "object", "connection", RUN_HEADERS[0], "MB/s", *RUN_HEADERS[1:], "hits"], rows)
     print(RUN_NOTE)
@@ -197,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                        figure("squid", NEW_CONNS_OBJECT, "cpu", "close"), lower_is_better=True),
         ]
     print()
-    print_comparisons(comparisons)
-    if any(hit and hit.run.wrk.closes_every_connection and not hit.run.close
-           for per in runs.values() for hit in per.values()):
+    print_comparisons(comparisons, [hit.run for name in ("webproxy", "squid") for key in plan
+                                    if (hit := best_hit(name, *key)) is not None])
+    if any(hit.run.wrk.closes_every_connection and not hit.run.close
+           for per in runs.values() for hits in per.values() for hit in hits):
         print(CLOSE_NOTE)
     for what, why in failures.items():
         print(f"\n{what} was not measured: {explain_failure(why)}")
@@ -208,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "benchmark": "cache_hits", "args": vars(args), "machine": note, "load_at_end": end_load,
         "webproxy": describe_checkout(args.webproxy_root),
-        "results": {name: {obj: per.get((obj, "keep-alive")) for obj in args.object_list} for name, per in runs.items()},
-        "new_connections": {name: per[key] for name, per in runs.items()
-                            if (key := (NEW_CONNS_OBJECT, "close")) in per},
-        "comparisons": comparisons, "failures": failures})
+        "results": {name: {obj: best_hit(name, obj) for obj in args.object_list} for name in runs},
+        "new_connections": {name: best_hit(name, NEW_CONNS_OBJECT, "close") for name in runs
+                            if (NEW_CONNS_OBJECT, "close") in runs[name]},
+        "comparisons": comparisons,
+        "rounds": {name: {f"{obj} {mode}": hits for (obj, mode), hits in per.items()} for name, per in runs.items()},
+        "failures": failures})
     return 0
 
 

@@ -758,6 +758,9 @@ def add_common_args(p: argparse.ArgumentParser, per: str, only: list[str]) -> No
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help=f"run only these (repeat or comma-separate): {', '.join(only)}")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sequence N times, each peer restarted; rows show the best round "
+                        "(default 1)")
     p.add_argument("--workers", type=int, default=1, help="webproxy [server] workers (default 1)")
     p.add_argument("--webproxy-root", type=checkout_dir, default=REPO_ROOT, metavar="DIR",
                    help="the checkout whose webproxy is measured (its PYTHONPATH; default: the one this "
@@ -826,17 +829,27 @@ def fmt_pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0f}%"
 
 
-def run_cells(run: Run | None) -> list[str]:
-    """req/s, p50, p99, CPU us/request, requests, errors, others for one row (n/a when not measured)."""
+def best(runs: list[Run] | None) -> Run | None:
+    """The round with the most req/s: other work on the machine only ever slows a run down."""
+    return max(runs, key=lambda r: r.wrk.rps) if runs else None
+
+
+def run_cells(runs: list[Run] | None) -> list[str]:
+    """For one row, from its best round: req/s, p50, p99, CPU us/request, requests, errors, others;
+    then every round's req/s as `min..max (N)` (n/a when not measured)."""
+    run = best(runs)
     if run is None:
-        return ["n/a"] * 7
+        return ["n/a"] * 8
     r = run.wrk
+    rates = [x.wrk.rps for x in runs]
+    spread = fmt_num(r.rps) if len(runs) == 1 else f"{min(rates):,.0f}..{max(rates):,.0f} ({len(runs)})"
     return [fmt_num(r.rps), fmt_us(r.lat_p50_us), fmt_us(r.lat_p99_us), fmt_num(run.cpu_us_per_request, 1),
-            fmt_num(r.requests), r.errors_text(), fmt_pct(run.others_cpu_pct)]
+            fmt_num(r.requests), r.errors_text(), fmt_pct(run.others_cpu_pct), spread]
 
 
-RUN_HEADERS = ["req/s", "p50", "p99", "CPU us/req", "requests", "errors", "others"]
-RUN_NOTE = ("CPU us/req: utime+stime of the proxy's processes (nginx's for direct) during the run / requests "
+RUN_HEADERS = ["req/s", "p50", "p99", "CPU us/req", "requests", "errors", "others", "rounds' req/s"]
+RUN_NOTE = ("Each row is its best round (most req/s); rounds' req/s is the range over all rounds.\n"
+            "CPU us/req: utime+stime of the proxy's processes (nginx's for direct) during the run / requests "
             "completed.\nothers: CPU the rest of the machine used meanwhile, in % of one CPU (noise).")
 
 
@@ -870,11 +883,19 @@ class Comparison:
                 "goal": self.goal, "met": self.met}
 
 
-def print_comparisons(comparisons: list[Comparison]) -> None:
+NOISY_PCT = 25.0  # others above this in a row: its req/s says more about the machine than the proxy
+
+
+def print_comparisons(comparisons: list[Comparison], shown: list[Run]) -> None:
+    """The ratio table; `shown` are the runs the table's rows come from, checked for noise."""
     if all(c.ratio is None for c in comparisons):
         print("(no webproxy/squid ratios: they need both measured in the same run)")
         return
     print_table(["webproxy/squid, same run", "ratio", "issue 9 target"], [c.cells() for c in comparisons])
+    noisy = [r for r in shown if (r.others_cpu_pct or 0) > NOISY_PCT]
+    if noisy:
+        print(f"NOISY: in {len(noisy)} of {len(shown)} rows other work took over {NOISY_PCT:.0f}% of a CPU; "
+              f"req/s ratios are unreliable (rerun, or raise --rounds); CPU us/request is steadier")
 
 
 def progress(what: str) -> None:

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     PeerFailed,
     Run,
     add_common_args,
+    best,
     check_object,
     describe_checkout,
     explain_failure,
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace) -> dict[str, Run]:
+def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace, profile: bool) -> dict[str, Run]:
     """Start `name`, check it, measure it keep-alive (and with Connection: close), stop it."""
     peer = None
     if name == "direct":
@@ -87,7 +88,7 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace) -
                 # no-store must never be answered without the origin; if it is, the figure is not pass-through.
                 print(f"warning: {name} answered {run.wrk.requests} requests but the origin saw only "
                       f"{run.origin_requests}", file=sys.stderr)
-        if name == "webproxy" and args.profile:
+        if name == "webproxy" and profile:
             profile_run(peer, port, target, origin, args, "passthrough-1k")
         return runs
     finally:
@@ -97,25 +98,32 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict[str, dict[str, Run]] = {}
+    # results[target][mode]: one Run per round; mode is "keep-alive" or "close"
+    results: dict[str, dict[str, list[Run]]] = {}
     failures: dict[str, str] = {}
     note = machine_note()
     started = time.monotonic()
     with Bench(keep=args.keep) as bench:
         progress("starting nginx origin")
         origin = bench.start_origin()
-        for name in args.targets:
-            progress(f"{name}: check")
-            try:
-                results[name] = measure(bench, origin, name, args)
-            except PeerFailed as e:
-                failures[name] = str(e)
-                print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+        for rnd in range(1, args.rounds + 1):
+            for name in args.targets:
+                if name in failures:
+                    continue
+                progress(f"{name}: round {rnd} of {args.rounds}: check")
+                try:
+                    per = measure(bench, origin, name, args, profile=bool(args.profile) and rnd == args.rounds)
+                except PeerFailed as e:
+                    failures[name] = str(e)
+                    print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+                    continue
+                for mode, r in per.items():
+                    results.setdefault(name, {}).setdefault(mode, []).append(r)
         if args.keep:
             print(f"configs and logs kept in {bench.dir}", file=sys.stderr)
 
     def run(name: str, mode: str = "keep-alive") -> Run | None:
-        return results.get(name, {}).get(mode)
+        return best(results.get(name, {}).get(mode))
 
     def figure(name: str, attr: str, mode: str = "keep-alive") -> float | None:
         r = run(name, mode)
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"Pass-through, GET {PATH} (1 KiB, Cache-Control: no-store), {args.connections} connections, "
-          f"{args.threads} wrk threads, {args.duration:g}s each; close = Connection: close on every request")
+          f"{args.threads} wrk threads, {args.duration:g}s each, best of {args.rounds} round(s); "
+          f"close = Connection: close on every request")
     print(note)
     print(f"webproxy from {describe_checkout(args.webproxy_root)}, {args.workers} worker(s)")
     rows = []
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "close" and not args.new_conns:
             continue
         for name in args.targets:
-            rows.append(["nginx direct" if name == "direct" else name, mode, *run_cells(run(name, mode))])
+            rows.append(["nginx direct" if name == "direct" else name, mode,
+                         *run_cells(results.get(name, {}).get(mode))])
     print_table(["target", "connection", *RUN_HEADERS], rows)
     print(RUN_NOTE)
 
@@ -151,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
                        lower_is_better=True),
         ]
     print()
-    print_comparisons(comparisons)
+    print_comparisons(comparisons, [r for name in ("webproxy", "squid") for mode in MODES
+                                    if (r := run(name, mode)) is not None])
     for other in ("tinyproxy", "direct"):
         if figure("webproxy", "rps") and figure(other, "rps"):
             print(f"webproxy/{other:<9} req/s: {ratio(figure('webproxy', 'rps'), figure(other, 'rps'))}")
-    if any(r.wrk.closes_every_connection and not r.close for per in results.values() for r in per.values()):
+    if any(r.wrk.closes_every_connection and not r.close
+           for per in results.values() for rounds in per.values() for r in rounds):
         print(CLOSE_NOTE)
     for name, why in failures.items():
         print(f"\n{name} was not measured: {explain_failure(why)}")
@@ -164,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "benchmark": "passthrough", "args": vars(args), "machine": note, "load_at_end": end_load,
         "webproxy": describe_checkout(args.webproxy_root),
-        "results": {name: per.get("keep-alive") for name, per in results.items()},
-        "new_connections": {name: per["close"] for name, per in results.items() if "close" in per},
-        "comparisons": comparisons, "failures": failures})
+        "results": {name: best(per.get("keep-alive")) for name, per in results.items()},
+        "new_connections": {name: best(per["close"]) for name, per in results.items() if "close" in per},
+        "comparisons": comparisons, "rounds": results, "failures": failures})
     return 0
 
 
