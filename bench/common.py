@@ -708,7 +708,7 @@ def top_functions(speedscope: Path, expected: int, busy: dict[int, tuple[str, fl
     # Own time by package (the file's first path part: webproxy, cache, aiohttp, asyncio, ...).
     by_package: collections.Counter[str] = collections.Counter()
     for name, n in own.items():
-        by_package[re.split(r"[/.]", name.rsplit(" (", 1)[1], maxsplit=1)[0]] += n
+        by_package[re.split(r"[/.]", name.rsplit(" (", 1)[1][:-1], maxsplit=1)[0]] += n
     lines.append("")
     lines.append("own time by package: " + ", ".join(f"{pkg} {100 * n / samples:.1f}%"
                                                      for pkg, n in by_package.most_common(8)) if samples else "")
