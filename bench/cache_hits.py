@@ -134,8 +134,9 @@ def measure_proxy(bench: Bench, origin: Origin, name: str, plan: list[tuple[str,
                 failures[what] = str(e)
                 print(f"{what}: n/a: {explain_failure(str(e))}", file=sys.stderr)
         if name == "webproxy" and profile:
-            for obj in args.object_list:
-                profile_run(peer, peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args, f"hits-{obj}")
+            for obj, mode in plan:
+                profile_run(peer, peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args,
+                            f"hits-{obj}-{mode}", close=mode == "close")
     finally:
         bench.stop(peer)
 

@@ -626,8 +626,10 @@ def measured_run(port: int, target: str, origin: Origin, args: argparse.Namespac
 # --- profiling ------------------------------------------------------------------------------
 
 
-def profile_run(peer: Peer, port: int, target: str, origin: Origin, args: argparse.Namespace, stem: str) -> None:
-    """py-spy record `peer` (and its forked workers) for args.profile_seconds under keep-alive wrk load.
+def profile_run(peer: Peer, port: int, target: str, origin: Origin, args: argparse.Namespace, stem: str,
+                close: bool = False) -> None:
+    """py-spy record `peer` (and its forked workers) for args.profile_seconds under wrk load: keep-alive,
+    or with close=True `Connection: close` on every request.
 
     Writes DIR/STEM.speedscope.json (open it in https://www.speedscope.app) and DIR/STEM-top.txt,
     the functions by own time; DIR is args.profile.  Runs after the measured figures, so sampling
@@ -643,7 +645,7 @@ def profile_run(peer: Peer, port: int, target: str, origin: Origin, args: argpar
     try:
         time.sleep(0.5)  # attached before the load starts; the load outlasts the sampling
         before, started = thread_cpu_us(peer.proc.pid), time.monotonic()
-        run_wrk(port, target, origin.authority, seconds + 1.5, args.connections, args.threads)
+        run_wrk(port, target, origin.authority, seconds + 1.5, args.connections, args.threads, close=close)
         text = spy.communicate(timeout=30)[0].decode(errors="replace")
         after, wall = thread_cpu_us(peer.proc.pid), time.monotonic() - started
     finally:
@@ -656,8 +658,9 @@ def profile_run(peer: Peer, port: int, target: str, origin: Origin, args: argpar
     busy = {tid: (comm, 100 * (us - before.get(tid, (comm, 0.0))[1]) / 1e6 / wall)
             for tid, (comm, us) in after.items()}
     top = top_functions(speedscope, seconds * args.profile_rate, busy)
-    (out / f"{stem}-top.txt").write_text(f"{stem}: {target} through {peer.name}, {args.connections} keep-alive "
-                                         f"connections, py-spy {seconds}s at {args.profile_rate}/s\n{top}")
+    (out / f"{stem}-top.txt").write_text(f"{stem}: {target} through {peer.name}, {args.connections} "
+                                         f"{'Connection: close' if close else 'keep-alive'} connections, py-spy "
+                                         f"{seconds}s at {args.profile_rate}/s\n{top}")
     print(f"profile {stem}: {speedscope} and {out / f'{stem}-top.txt'}", file=sys.stderr)
 
 

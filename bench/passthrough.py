@@ -89,7 +89,9 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace, p
                 print(f"warning: {name} answered {run.wrk.requests} requests but the origin saw only "
                       f"{run.origin_requests}", file=sys.stderr)
         if name == "webproxy" and profile:
-            profile_run(peer, port, target, origin, args, "passthrough-1k")
+            for mode, close in MODES.items():
+                if args.new_conns or not close:
+                    profile_run(peer, port, target, origin, args, f"passthrough-1k-{mode}", close)
         return runs
     finally:
         if peer is not None:
