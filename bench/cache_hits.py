@@ -111,7 +111,8 @@ def measure(peer: Peer, origin: Origin, obj: str, args: argparse.Namespace, clos
 
 def measure_proxy(bench: Bench, origin: Origin, name: str, plan: list[tuple[str, str]], args: argparse.Namespace,
                   runs: dict[tuple[str, str], list[HitRun]], failures: dict[str, str], profile: bool) -> None:
-    """One round for one proxy: start it with an empty cache, measure every (object, mode), stop it."""
+    """One round for one proxy: start it (its cache directory carries over from an earlier round), measure
+    every (object, mode) from a warmed cache, stop it."""
     progress(f"{name}: starting with its cache enabled")
     try:
         if name == "squid":
