@@ -3,10 +3,12 @@
 
 The origin marks /cache/* `Cache-Control: max-age=3600`.  For each object (1 KiB, 64 KiB, 10 MiB)
 the cache is warmed first, then wrk keeps CONNECTIONS keep-alive connections busy for DURATION
-seconds.  A figure only counts as a hit figure if the origin's access log did not grow during the
-measured run (and, for Squid, its check reply said `X-Cache: HIT`).
+seconds; for 1 KiB also with `Connection: close` on every request (new connections per second).
+A figure only counts as a hit figure if the origin's access log did not grow during the measured
+run (and, for Squid, its check reply said `X-Cache: HIT`).
 
     python3 bench/cache_hits.py [--duration 10] [--connections 50] [--only webproxy] [--objects 1k,10m]
+                                [--webproxy-root /other/checkout] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -21,54 +23,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     CLOSE_NOTE,
+    GOALS,
     OBJECT_PATHS,
     OBJECTS,
+    RUN_HEADERS,
+    RUN_NOTE,
     Bench,
+    Comparison,
     Origin,
     Peer,
     PeerFailed,
-    WrkResult,
+    Run,
+    add_common_args,
+    best,
     check_object,
+    describe_checkout,
     explain_failure,
     fmt_num,
-    fmt_us,
+    load_average,
     machine_note,
+    measured_run,
+    parse_only,
+    print_comparisons,
     print_table,
+    profile_run,
     progress,
-    ratio,
-    run_wrk,
+    run_cells,
+    run_main,
     write_json,
 )
 
 PROXIES = ["squid", "webproxy"]
 LABELS = {"1k": "1 KiB", "64k": "64 KiB", "10m": "10 MiB"}
+NEW_CONNS_OBJECT = "1k"  # the object of the Connection: close run
 
 
 @dataclasses.dataclass
 class HitRun:
-    wrk: WrkResult
-    origin_fetches: int  # requests the origin saw during the measured run; 0 means all hits
+    run: Run
     hit_header: str | None  # X-Cache of the last check reply, when the proxy sends one
+
+    @property
+    def origin_fetches(self) -> int:
+        """Requests the origin saw during the measured run; 0 means all hits."""
+        return self.run.origin_requests
+
+    def summary(self) -> dict:
+        return {**self.run.summary(), "origin_fetches": self.origin_fetches, "hit_header": self.hit_header}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per object (default 10)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first (default 2)")
-    p.add_argument("--connections", type=int, default=50, help="keep-alive connections (default 50)")
-    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help=f"run only these proxies (repeat or comma-separate): {', '.join(PROXIES)}")
+    add_common_args(p, "object and connection mode", PROXIES)
     p.add_argument("--objects", default="1k,64k,10m", help="objects to fetch (default 1k,64k,10m)")
-    p.add_argument("--workers", type=int, default=1, help="webproxy [server] workers (default 1)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temp directory (configs, logs, caches)")
     args = p.parse_args(argv)
-    only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-    bad = [n for n in only if n not in PROXIES]
-    if bad:
-        p.error(f"unknown proxy {', '.join(bad)}; choose from {', '.join(PROXIES)}")
-    args.proxies = [x for x in PROXIES if not only or x in only]
+    args.proxies = parse_only(p, args, PROXIES)
     args.object_list = [o.strip() for o in args.objects.split(",") if o.strip()]
     bad = [o for o in args.object_list if o not in OBJECTS]
     if bad:
@@ -94,90 +103,139 @@ def warm(peer: Peer, origin: Origin, obj: str) -> str | None:
     return x_cache
 
 
-def measure(peer: Peer, origin: Origin, obj: str, args: argparse.Namespace) -> HitRun:
-    url = origin.url(f"/cache/{OBJECT_PATHS[obj]}")
+def measure(peer: Peer, origin: Origin, obj: str, args: argparse.Namespace, close: bool = False) -> HitRun:
     x_cache = warm(peer, origin, obj)
-    if args.warmup > 0:
-        run_wrk(peer.port, url, origin.authority, args.warmup, args.connections, args.threads)
-    before = origin.request_count()
-    result = run_wrk(peer.port, url, origin.authority, args.duration, args.connections, args.threads)
-    return HitRun(result, origin.request_count() - before, x_cache)
+    return HitRun(measured_run(peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args, peer, close),
+                  x_cache)
+
+
+def measure_proxy(bench: Bench, origin: Origin, name: str, plan: list[tuple[str, str]], args: argparse.Namespace,
+                  runs: dict[tuple[str, str], list[HitRun]], failures: dict[str, str], profile: bool) -> None:
+    """One round for one proxy: start it (its cache directory carries over from an earlier round), measure
+    every (object, mode) from a warmed cache, stop it."""
+    progress(f"{name}: starting with its cache enabled")
+    try:
+        if name == "squid":
+            peer = bench.start_squid(origin, cache=True)
+        else:
+            peer = bench.start_webproxy(cache=True, workers=args.workers, root=args.webproxy_root)
+    except PeerFailed as e:
+        failures[name] = str(e)
+        print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+        return
+    try:
+        for obj, mode in plan:
+            what = f"{name} {LABELS[obj]} {mode}"
+            if what in failures:
+                continue
+            progress(f"{what}: warm cache, {args.warmup:g}s warm-up, {args.duration:g}s measured")
+            try:
+                runs.setdefault((obj, mode), []).append(measure(peer, origin, obj, args, close=mode == "close"))
+            except PeerFailed as e:
+                failures[what] = str(e)
+                print(f"{what}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+        if name == "webproxy" and profile:
+            for obj, mode in plan:
+                profile_run(peer, peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args,
+                            f"hits-{obj}-{mode}", close=mode == "close")
+    finally:
+        bench.stop(peer)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs: dict[str, dict[str, HitRun | None]] = {p: {} for p in args.proxies}
+    # runs[proxy][(object, mode)]: one HitRun per round; mode is "keep-alive" or "close" (Connection:
+    # close on every request)
+    runs: dict[str, dict[tuple[str, str], list[HitRun]]] = {p: {} for p in args.proxies}
+    plan = [(obj, "keep-alive") for obj in args.object_list]
+    if args.new_conns and NEW_CONNS_OBJECT in args.object_list:
+        plan.append((NEW_CONNS_OBJECT, "close"))
     failures: dict[str, str] = {}
     note = machine_note()
     started = time.monotonic()
     with Bench(keep=args.keep) as bench:
         progress("starting nginx origin")
         origin = bench.start_origin()
-        for name in args.proxies:
-            progress(f"{name}: starting with its cache enabled")
-            try:
-                if name == "squid":
-                    peer = bench.start_squid(origin, cache=True)
-                else:
-                    peer = bench.start_webproxy(cache=True, workers=args.workers)
-            except PeerFailed as e:
-                failures[name] = str(e)
-                print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
-                continue
-            try:
-                for obj in args.object_list:
-                    progress(f"{name}: {LABELS[obj]}: warm cache, {args.warmup:g}s warm-up, {args.duration:g}s measured")
-                    try:
-                        runs[name][obj] = measure(peer, origin, obj, args)
-                    except PeerFailed as e:
-                        runs[name][obj] = None
-                        failures[f"{name} {LABELS[obj]}"] = str(e)
-                        print(f"{name} {LABELS[obj]}: n/a: {explain_failure(str(e))}", file=sys.stderr)
-            finally:
-                bench.stop(peer)
+        for rnd in range(1, args.rounds + 1):
+            for name in args.proxies:
+                if name not in failures:
+                    measure_proxy(bench, origin, name, plan, args, runs[name], failures,
+                                  profile=bool(args.profile) and rnd == args.rounds)
         if args.keep:
             print(f"configs, logs and caches kept in {bench.dir}", file=sys.stderr)
 
+    def best_hit(name: str, obj: str, mode: str = "keep-alive") -> HitRun | None:
+        hits = runs.get(name, {}).get((obj, mode))
+        top = best([h.run for h in hits]) if hits else None
+        return next(h for h in hits if h.run is top) if top else None
+
+    def figure(name: str, obj: str, attr: str, mode: str = "keep-alive") -> float | None:
+        hit = best_hit(name, obj, mode)
+        if hit is None:
+            return None
+        return hit.run.cpu_us_per_request if attr == "cpu" else getattr(hit.run.wrk, attr)
+
     print()
-    print(f"Cache hits, GET /cache/* (Cache-Control: max-age=3600), {args.connections} keep-alive connections, "
-          f"{args.threads} wrk threads, {args.duration:g}s each; MB/s = 10^6 bytes/s received, heads included")
+    print(f"Cache hits, GET /cache/* (Cache-Control: max-age=3600), {args.connections} connections, "
+          f"{args.threads} wrk threads, {args.duration:g}s each, best of {args.rounds} round(s); close = "
+          f"Connection: close on every request; MB/s = 10^6 bytes/s received, heads included")
     print(note)
+    print(f"webproxy from {describe_checkout(args.webproxy_root)}, {args.workers} worker(s)")
     rows = []
-    for name in PROXIES:
-        if name not in args.proxies:
-            continue
-        for obj in args.object_list:
-            run = runs[name].get(obj)
-            if run is None:
-                rows.append([name, LABELS[obj], "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"])
-                continue
-            r = run.wrk
-            hits = "all" if run.origin_fetches == 0 else f"NO: origin saw {run.origin_fetches}"
-            rows.append([name, LABELS[obj], fmt_num(r.rps), fmt_num(r.mbps, 1), fmt_us(r.lat_p50_us),
-                         fmt_us(r.lat_p99_us), hits, r.errors_text()])
-    print_table(["proxy", "object", "req/s", "MB/s", "p50", "p99", "hits", "errors"], rows)
+    for name in args.proxies:
+        for obj, mode in plan:
+            hit = best_hit(name, obj, mode)
+            cells = run_cells([h.run for h in runs[name].get((obj, mode), [])])
+            mbps = fmt_num(hit.run.wrk.mbps, 1) if hit else "n/a"
+            fetched = sum(h.origin_fetches for h in runs[name].get((obj, mode), []))
+            if hit is None:
+                hits = "n/a"
+            else:
+                hits = "all" if fetched == 0 else f"NO: origin saw {fetched}"
+            rows.append([name, LABELS[obj], mode, cells[0], mbps, *cells[1:], hits])
+    print_table(["proxy", "object", "connection", RUN_HEADERS[0], "MB/s", *RUN_HEADERS[1:], "hits"], rows)
+    print(RUN_NOTE)
 
-    def figure(name: str, obj: str, attr: str) -> float | None:
-        run = runs.get(name, {}).get(obj)
-        return getattr(run.wrk, attr) if run else None
-
-    print()
+    comparisons = []
     for obj in args.object_list:
         attr, unit = ("mbps", "MB/s") if obj == "10m" else ("rps", "req/s")
-        print(f"webproxy/squid {LABELS[obj]:>6} {unit}: {ratio(figure('webproxy', obj, attr), figure('squid', obj, attr))}")
-    if any(run and run.wrk.closes_every_connection for per in runs.values() for run in per.values()):
+        goal = GOALS.get(f"hit-{obj}")
+        comparisons += [
+            Comparison(f"{LABELS[obj]} hits {unit}", figure("webproxy", obj, attr), figure("squid", obj, attr), goal),
+            Comparison("  CPU us/request", figure("webproxy", obj, "cpu"), figure("squid", obj, "cpu"),
+                       lower_is_better=True),
+            Comparison("  p99 latency", figure("webproxy", obj, "lat_p99_us"), figure("squid", obj, "lat_p99_us"),
+                       lower_is_better=True),
+        ]
+    if (NEW_CONNS_OBJECT, "close") in plan:
+        comparisons += [
+            Comparison(f"new connections/s ({LABELS[NEW_CONNS_OBJECT]} hits)",
+                       figure("webproxy", NEW_CONNS_OBJECT, "rps", "close"),
+                       figure("squid", NEW_CONNS_OBJECT, "rps", "close"), GOALS["new-conns"]),
+            Comparison("  CPU us/request", figure("webproxy", NEW_CONNS_OBJECT, "cpu", "close"),
+                       figure("squid", NEW_CONNS_OBJECT, "cpu", "close"), lower_is_better=True),
+        ]
+    print()
+    print_comparisons(comparisons, [hit.run for name in ("webproxy", "squid") for key in plan
+                                    if (hit := best_hit(name, *key)) is not None])
+    if any(hit.run.wrk.closes_every_connection and not hit.run.close
+           for per in runs.values() for hits in per.values() for hit in hits):
         print(CLOSE_NOTE)
     for what, why in failures.items():
         print(f"\n{what} was not measured: {explain_failure(why)}")
-    print(f"\n(total {time.monotonic() - started:.0f}s)")
-    write_json(args.json, {"benchmark": "cache_hits", "args": vars(args), "machine": note,
-                           "results": runs, "failures": failures})
+    end_load = load_average()
+    print(f"\n(total {time.monotonic() - started:.0f}s; load average {end_load} at the end)")
+    write_json(args.json, {
+        "benchmark": "cache_hits", "args": vars(args), "machine": note, "load_at_end": end_load,
+        "webproxy": describe_checkout(args.webproxy_root),
+        "results": {name: {obj: best_hit(name, obj) for obj in args.object_list} for name in runs},
+        "new_connections": {name: best_hit(name, NEW_CONNS_OBJECT, "close") for name in runs
+                            if (NEW_CONNS_OBJECT, "close") in runs[name]},
+        "comparisons": comparisons,
+        "rounds": {name: {f"{obj} {mode}": hits for (obj, mode), hits in per.items()} for name, per in runs.items()},
+        "failures": failures})
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; peers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -3,10 +3,12 @@
 
 Every request is for a 1 KiB object the origin marks `Cache-Control: no-store`, so each one goes
 to the origin.  wrk keeps CONNECTIONS keep-alive connections open for DURATION seconds per target;
-proxies get absolute-form requests (`GET http://127.0.0.1:ORIGIN/nocache/1k.bin HTTP/1.1`).
+proxies get absolute-form requests (`GET http://127.0.0.1:ORIGIN/nocache/1k.bin HTTP/1.1`).  Then
+the same with `Connection: close` on every request: new connections per second.
 Each proxy runs alone (the others are stopped) and first proves it returns 200 with the right bytes.
 
     python3 bench/passthrough.py [--duration 10] [--connections 50] [--only webproxy,squid]
+                                 [--webproxy-root /other/checkout] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -20,49 +22,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     CLOSE_NOTE,
+    GOALS,
+    RUN_HEADERS,
+    RUN_NOTE,
     Bench,
+    Comparison,
     Origin,
     PeerFailed,
-    WrkResult,
+    Run,
+    add_common_args,
+    best,
     check_object,
+    describe_checkout,
     explain_failure,
-    fmt_num,
-    fmt_us,
+    load_average,
     machine_note,
+    measured_run,
+    parse_only,
+    print_comparisons,
     print_table,
+    profile_run,
     progress,
     ratio,
-    run_wrk,
+    run_cells,
+    run_main,
     write_json,
 )
 
 TARGETS = ["direct", "squid", "tinyproxy", "webproxy"]
 OBJECT = "1k"
 PATH = "/nocache/1k.bin"
+MODES = {"keep-alive": False, "close": True}  # the connection column: Connection: close on every request?
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per target (default 10)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first (default 2)")
-    p.add_argument("--connections", type=int, default=50, help="keep-alive connections (default 50)")
-    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help=f"run only these targets (repeat or comma-separate): {', '.join(TARGETS)}")
-    p.add_argument("--workers", type=int, default=1, help="webproxy [server] workers (default 1)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temp directory (configs, logs)")
+    add_common_args(p, "target and connection mode", TARGETS)
     args = p.parse_args(argv)
-    only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-    unknown = [n for n in only if n not in TARGETS]
-    if unknown:
-        p.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    args.targets = [t for t in TARGETS if not only or t in only]
+    args.targets = parse_only(p, args, TARGETS)
     return args
 
 
-def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace) -> WrkResult:
-    """Start `name`, check it, warm it up, measure it, stop it."""
+def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace, profile: bool) -> dict[str, Run]:
+    """Start `name`, check it, measure it keep-alive (and with Connection: close), stop it."""
     peer = None
     if name == "direct":
         port, target = origin.port, PATH
@@ -72,20 +74,25 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace) -
         elif name == "tinyproxy":
             peer = bench.start_tinyproxy()
         else:
-            peer = bench.start_webproxy(cache=False, workers=args.workers)
+            peer = bench.start_webproxy(cache=False, workers=args.workers, root=args.webproxy_root)
         port, target = peer.port, origin.url(PATH)
+    runs = {}
     try:
         check_object(port, target, origin.authority, OBJECT)
-        if args.warmup > 0:
-            run_wrk(port, target, origin.authority, args.warmup, args.connections, args.threads)
-        before = origin.request_count()
-        result = run_wrk(port, target, origin.authority, args.duration, args.connections, args.threads)
-        reached = origin.request_count() - before
-        if reached < result.requests:
-            # no-store must never be answered without the origin; if it is, the figure is not pass-through.
-            print(f"warning: {name} answered {result.requests} requests but the origin saw only {reached}",
-                  file=sys.stderr)
-        return result
+        for mode, close in MODES.items():
+            if close and not args.new_conns:
+                continue
+            progress(f"{name}: {mode}: {args.warmup:g}s warm-up, {args.duration:g}s measured")
+            run = runs[mode] = measured_run(port, target, origin, args, peer, close=close)
+            if run.origin_requests < run.wrk.requests:
+                # no-store must never be answered without the origin; if it is, the figure is not pass-through.
+                print(f"warning: {name} answered {run.wrk.requests} requests but the origin saw only "
+                      f"{run.origin_requests}", file=sys.stderr)
+        if name == "webproxy" and profile:
+            for mode, close in MODES.items():
+                if args.new_conns or not close:
+                    profile_run(peer, port, target, origin, args, f"passthrough-1k-{mode}", close)
+        return runs
     finally:
         if peer is not None:
             bench.stop(peer)
@@ -93,60 +100,89 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict[str, WrkResult | None] = {}
+    # results[target][mode]: one Run per round; mode is "keep-alive" or "close"
+    results: dict[str, dict[str, list[Run]]] = {}
     failures: dict[str, str] = {}
     note = machine_note()
     started = time.monotonic()
     with Bench(keep=args.keep) as bench:
         progress("starting nginx origin")
         origin = bench.start_origin()
-        for name in args.targets:
-            progress(f"{name}: check, {args.warmup:g}s warm-up, {args.duration:g}s measured")
-            try:
-                results[name] = measure(bench, origin, name, args)
-            except PeerFailed as e:
-                results[name] = None
-                failures[name] = str(e)
-                print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+        for rnd in range(1, args.rounds + 1):
+            for name in args.targets:
+                if name in failures:
+                    continue
+                progress(f"{name}: round {rnd} of {args.rounds}: check")
+                try:
+                    per = measure(bench, origin, name, args, profile=bool(args.profile) and rnd == args.rounds)
+                except PeerFailed as e:
+                    failures[name] = str(e)
+                    print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
+                    continue
+                for mode, r in per.items():
+                    results.setdefault(name, {}).setdefault(mode, []).append(r)
         if args.keep:
             print(f"configs and logs kept in {bench.dir}", file=sys.stderr)
 
-    print()
-    print(f"Pass-through, GET {PATH} (1 KiB, Cache-Control: no-store), {args.connections} keep-alive "
-          f"connections, {args.threads} wrk threads, {args.duration:g}s each")
-    print(note)
-    rows = []
-    for name in args.targets:
-        r = results.get(name)
-        label = "nginx direct" if name == "direct" else name
+    def run(name: str, mode: str = "keep-alive") -> Run | None:
+        return best(results.get(name, {}).get(mode))
+
+    def figure(name: str, attr: str, mode: str = "keep-alive") -> float | None:
+        r = run(name, mode)
         if r is None:
-            rows.append([label, "n/a", "n/a", "n/a", "n/a", "n/a"])
-        else:
-            rows.append([label, fmt_num(r.rps), fmt_us(r.lat_p50_us), fmt_us(r.lat_p99_us), fmt_num(r.requests),
-                         r.errors_text()])
-    print_table(["target", "req/s", "p50", "p99", "requests", "errors"], rows)
-
-    def rps(name: str) -> float | None:
-        r = results.get(name)
-        return r.rps if r else None
+            return None
+        return r.cpu_us_per_request if attr == "cpu" else getattr(r.wrk, attr)
 
     print()
-    print(f"webproxy/tinyproxy req/s: {ratio(rps('webproxy'), rps('tinyproxy'))}")
-    print(f"webproxy/squid     req/s: {ratio(rps('webproxy'), rps('squid'))}")
-    print(f"webproxy/direct    req/s: {ratio(rps('webproxy'), rps('direct'))}")
-    if any(r and r.closes_every_connection for r in results.values()):
+    print(f"Pass-through, GET {PATH} (1 KiB, Cache-Control: no-store), {args.connections} connections, "
+          f"{args.threads} wrk threads, {args.duration:g}s each, best of {args.rounds} round(s); "
+          f"close = Connection: close on every request")
+    print(note)
+    print(f"webproxy from {describe_checkout(args.webproxy_root)}, {args.workers} worker(s)")
+    rows = []
+    for mode in MODES:
+        if mode == "close" and not args.new_conns:
+            continue
+        for name in args.targets:
+            rows.append(["nginx direct" if name == "direct" else name, mode,
+                         *run_cells(results.get(name, {}).get(mode))])
+    print_table(["target", "connection", *RUN_HEADERS], rows)
+    print(RUN_NOTE)
+
+    comparisons = [
+        Comparison("1 KiB pass-through req/s", figure("webproxy", "rps"), figure("squid", "rps"), GOALS["pass-1k"]),
+        Comparison("  CPU us/request", figure("webproxy", "cpu"), figure("squid", "cpu"), lower_is_better=True),
+        Comparison("  p99 latency", figure("webproxy", "lat_p99_us"), figure("squid", "lat_p99_us"),
+                   lower_is_better=True),
+    ]
+    if args.new_conns:
+        comparisons += [
+            Comparison("new connections/s (pass-through)", figure("webproxy", "rps", "close"),
+                       figure("squid", "rps", "close"), GOALS["new-conns"]),
+            Comparison("  CPU us/request", figure("webproxy", "cpu", "close"), figure("squid", "cpu", "close"),
+                       lower_is_better=True),
+        ]
+    print()
+    print_comparisons(comparisons, [r for name in ("webproxy", "squid") for mode in MODES
+                                    if (r := run(name, mode)) is not None])
+    for other in ("tinyproxy", "direct"):
+        if figure("webproxy", "rps") and figure(other, "rps"):
+            print(f"webproxy/{other:<9} req/s: {ratio(figure('webproxy', 'rps'), figure(other, 'rps'))}")
+    if any(r.wrk.closes_every_connection and not r.close
+           for per in results.values() for rounds in per.values() for r in rounds):
         print(CLOSE_NOTE)
     for name, why in failures.items():
         print(f"\n{name} was not measured: {explain_failure(why)}")
-    print(f"\n(total {time.monotonic() - started:.0f}s)")
-    write_json(args.json, {"benchmark": "passthrough", "args": vars(args), "machine": note,
-                           "results": results, "failures": failures})
+    end_load = load_average()
+    print(f"\n(total {time.monotonic() - started:.0f}s; load average {end_load} at the end)")
+    write_json(args.json, {
+        "benchmark": "passthrough", "args": vars(args), "machine": note, "load_at_end": end_load,
+        "webproxy": describe_checkout(args.webproxy_root),
+        "results": {name: best(per.get("keep-alive")) for name, per in results.items()},
+        "new_connections": {name: best(per["close"]) for name, per in results.items() if "close" in per},
+        "comparisons": comparisons, "rounds": results, "failures": failures})
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; peers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
