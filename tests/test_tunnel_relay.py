@@ -16,9 +16,9 @@ import pytest
 
 from tests.support import unanswered_port
 from tunnel.connect import (
-    UpstreamDNSError,
-    UpstreamRefused,
-    UpstreamTimeout,
+    DialDNSError,
+    DialRefused,
+    DialTimeout,
     open_upstream,
 )
 from tunnel.forwarder import ForwarderSettings, admit, reload_plan, upstream_order
@@ -246,7 +246,7 @@ async def test_open_upstream_refused_is_distinguished():
     s = socket.create_server(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    with pytest.raises(UpstreamRefused) as e:
+    with pytest.raises(DialRefused) as e:
         await open_upstream("127.0.0.1", port, timeout=5)
     assert e.value.kind == "refused"
     assert f"127.0.0.1:{port}" in str(e.value)
@@ -254,7 +254,7 @@ async def test_open_upstream_refused_is_distinguished():
 
 async def test_open_upstream_timeout_is_distinguished():
     with unanswered_port() as port:
-        with pytest.raises(UpstreamTimeout) as e:
+        with pytest.raises(DialTimeout) as e:
             await open_upstream("127.0.0.1", port, timeout=0.3)
         assert e.value.kind == "timeout"
 
@@ -263,7 +263,7 @@ async def test_open_upstream_dns_failure_from_given_resolver_is_distinguished():
     async def resolve(host, port):
         raise OSError(f"{host}: no such name")
 
-    with pytest.raises(UpstreamDNSError) as e:
+    with pytest.raises(DialDNSError) as e:
         await open_upstream("nowhere.test", 443, timeout=5, resolve=resolve)
     assert e.value.kind == "dns"
     assert "nowhere.test" in str(e.value)

@@ -5,11 +5,11 @@ Knows sockets, not HTTP, and never imports `webproxy`.
 """
 
 from tunnel.connect import (
-    UpstreamDNSError,
-    UpstreamError,
-    UpstreamRefused,
-    UpstreamTimeout,
-    UpstreamUnreachable,
+    DialDNSError,
+    DialError,
+    DialRefused,
+    DialTimeout,
+    DialUnreachable,
     open_upstream,
 )
 from tunnel.forwarder import Forwarder, ForwarderSettings, serve_forwarders
@@ -20,7 +20,7 @@ from tunnel.transparent import TransparentListener, looks_like_http, serve_trans
 
 __all__ = [
     "Forwarder", "ForwarderSettings", "RelayResult", "SessionRecord", "SocksServer", "SocksSettings",
-    "TransparentListener", "UpstreamDNSError",
-    "UpstreamError", "UpstreamRefused", "UpstreamTimeout", "UpstreamUnreachable", "detach_socket",
+    "TransparentListener", "DialDNSError",
+    "DialError", "DialRefused", "DialTimeout", "DialUnreachable", "detach_socket",
     "looks_like_http", "open_upstream", "original_dst", "relay", "serve_forwarders", "serve_socks", "serve_transparent",
 ]

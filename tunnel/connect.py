@@ -1,7 +1,7 @@
 """Open the upstream side of a tunnel: resolve, connect with a deadline, say clearly what failed.
 
-The caller (CONNECT handler, transparent listener, forwarder) turns the exception kind into its own
-answer: an HTTP front end maps `kind` "dns"/"refused"/"unreachable" to 502 and "timeout" to 504.
+The caller (CONNECT handler, transparent listener, forwarder, SOCKS) turns the DialError into its own
+answer: an HTTP front end answers the error's `status` (502, 504 for a timeout), SOCKS its reply code.
 """
 
 from __future__ import annotations
@@ -20,36 +20,42 @@ from tunnel.origdst import set_transparent
 Resolver = Callable[[str, int], Awaitable[Sequence[Any]]]
 
 
-class UpstreamError(OSError):
-    """The upstream could not be reached. `kind` says why; str() is one line for a person."""
+class DialError(OSError):
+    """The upstream could not be reached (dialling it failed). `kind` says why, `status` is the
+    HTTP status a front end answers with (502; 504 for a timeout; 403 when refused by a rule), and
+    str() is one line for a person. Not to be confused with what goes wrong once an HTTP exchange
+    has started (webproxy.errors)."""
 
     kind = "failed"
+    status = 502
 
     def __init__(self, host: str, port: int, detail: str) -> None:
         super().__init__(f"{host}:{port}: {detail}")
         self.host, self.port = host, port
 
 
-class UpstreamDNSError(UpstreamError):
+class DialDNSError(DialError):
     kind = "dns"
 
 
-class UpstreamRefused(UpstreamError):
+class DialRefused(DialError):
     kind = "refused"
 
 
-class UpstreamTimeout(UpstreamError):
+class DialTimeout(DialError):
     kind = "timeout"
+    status = 504
 
 
-class UpstreamUnreachable(UpstreamError):
+class DialUnreachable(DialError):
     kind = "unreachable"
 
 
-class UpstreamDenied(UpstreamError):
+class DialDenied(DialError):
     """Every address of the host is refused by the caller's `check` (e.g. SOCKS deny_networks)."""
 
     kind = "denied"
+    status = 403
 
 
 @lru_cache(maxsize=1024)
@@ -69,18 +75,18 @@ async def _addresses(host: str, port: int, resolve: Resolver | None) -> list[str
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             addrs = [info[4][0] for info in infos]
     except OSError as e:
-        raise UpstreamDNSError(host, port, f"cannot resolve host name ({e.strerror or e})") from None
+        raise DialDNSError(host, port, f"cannot resolve host name ({e.strerror or e})") from None
     except Exception as e:  # third-party resolvers raise their own types (aiodns.error.DNSError)
-        raise UpstreamDNSError(host, port, f"cannot resolve host name ({e})") from None
+        raise DialDNSError(host, port, f"cannot resolve host name ({e})") from None
     unique = list(dict.fromkeys(addrs))
     if not unique:
-        raise UpstreamDNSError(host, port, "host name has no addresses")
+        raise DialDNSError(host, port, "host name has no addresses")
     return unique
 
 
 async def resolve_host(host: str, port: int, *, timeout: float, resolve: Resolver | None = None) -> list[str]:
-    """The addresses of `host` (an IP literal is its own answer). Raises UpstreamDNSError or
-    UpstreamTimeout."""
+    """The addresses of `host` (an IP literal is its own answer). Raises DialDNSError or
+    DialTimeout."""
     literal = _ip_literal(host)
     if literal is not None:
         return [literal]
@@ -88,7 +94,7 @@ async def resolve_host(host: str, port: int, *, timeout: float, resolve: Resolve
         async with asyncio.timeout(timeout):
             return await _addresses(host, port, resolve)
     except TimeoutError:
-        raise UpstreamTimeout(host, port, f"name resolution took longer than {timeout:g}s") from None
+        raise DialTimeout(host, port, f"name resolution took longer than {timeout:g}s") from None
 
 
 async def open_upstream(host: str, port: int, *, timeout: float,
@@ -102,7 +108,7 @@ async def open_upstream(host: str, port: int, *, timeout: float,
     own address; needs CAP_NET_ADMIN and the gateway's `-m socket` rule to route replies back).
     `check(ip)` returns why an address may not be dialled (None: it may): it sees the resolved
     addresses, so a name cannot smuggle a refused address past it.
-    Raises UpstreamDNSError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable or UpstreamDenied.
+    Raises DialDNSError, DialRefused, DialTimeout, DialUnreachable or DialDenied.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -112,9 +118,9 @@ async def open_upstream(host: str, port: int, *, timeout: float,
         verdicts = [(a, check(a)) for a in addrs]
         allowed = [a for a, why in verdicts if not why]
         if not allowed:
-            raise UpstreamDenied(host, port, str(verdicts[0][1]))
+            raise DialDenied(host, port, str(verdicts[0][1]))
         addrs = allowed
-    last: UpstreamError | None = None
+    last: DialError | None = None
     for addr in addrs:
         left = deadline - loop.time()
         if left <= 0:
@@ -125,7 +131,7 @@ async def open_upstream(host: str, port: int, *, timeout: float,
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:  # out of file descriptors: no point trying the other addresses
-            raise UpstreamUnreachable(host, port, f"cannot create a socket ({e.strerror or e})") from None
+            raise DialUnreachable(host, port, f"cannot create a socket ({e.strerror or e})") from None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -141,17 +147,17 @@ async def open_upstream(host: str, port: int, *, timeout: float,
             return sock
         except TimeoutError:
             sock.close()
-            last = UpstreamTimeout(host, port, f"no answer to connect within {timeout:g}s")
+            last = DialTimeout(host, port, f"no answer to connect within {timeout:g}s")
         except ConnectionRefusedError:
             sock.close()
-            last = UpstreamRefused(host, port, "connection refused (nothing listens on that port)")
+            last = DialRefused(host, port, "connection refused (nothing listens on that port)")
         except OSError as e:
             sock.close()
-            last = UpstreamUnreachable(host, port, f"cannot connect ({e.strerror or e})")
+            last = DialUnreachable(host, port, f"cannot connect ({e.strerror or e})")
             last.errno = e.errno  # ENETUNREACH vs EHOSTUNREACH: SOCKS5 replies tell them apart
         except BaseException:
             sock.close()
             raise
     if last is None:
-        last = UpstreamTimeout(host, port, f"no answer to connect within {timeout:g}s")
+        last = DialTimeout(host, port, f"no answer to connect within {timeout:g}s")
     raise last

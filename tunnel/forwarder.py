@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from tunnel.acceptor import Acceptor
-from tunnel.connect import Resolver, UpstreamError, open_upstream
+from tunnel.connect import DialError, Resolver, open_upstream
 from tunnel.listeners import ClientCounts, limit_refusal
 from tunnel.relay import DEFAULT_BUFFER, RelayResult, relay
 
@@ -207,7 +207,7 @@ class Forwarder:
             try:
                 return await open_upstream(host, port, timeout=self.s.connect_timeout,
                                            resolve=self.resolve), i
-            except UpstreamError as e:
+            except DialError as e:
                 self.per_upstream[i] -= 1
                 errors.append(e)
             except BaseException:

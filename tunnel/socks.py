@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from tunnel import socksproto as sp
-from tunnel.connect import Resolver, UpstreamError, open_upstream, resolve_host
+from tunnel.connect import DialError, Resolver, open_upstream, resolve_host
 from tunnel.listeners import ClientCounts, ListenerSet, limit_refusal
 from tunnel.netaddr import is_local_address, norm_ip
 from tunnel.origdst import transparent_listener
@@ -335,7 +335,7 @@ class SocksServer:
         try:
             upstream = await open_upstream(req.dst.host, req.dst.port, timeout=self.s.connect_timeout,
                                            resolve=self.resolve, check=self._check_address)
-        except UpstreamError as e:
+        except DialError as e:
             await self._refuse(conn, rec, sp.reply_for_failure(e.kind, e.errno), str(e))
             conn.sock.close()
             return
@@ -360,7 +360,7 @@ class SocksServer:
             try:
                 found = await resolve_host(req.dst.host, req.dst.port, timeout=self.s.connect_timeout,
                                            resolve=self.resolve)
-            except UpstreamError as e:
+            except DialError as e:
                 await self._refuse(conn, rec, sp.reply_for_failure(e.kind), str(e))
                 return
             expected = {norm_ip(a) for a in found if not self._check_address(a)}
@@ -525,7 +525,7 @@ class UdpAssociation:
         try:
             found = await resolve_host(dst.host, dst.port, timeout=self.server.s.connect_timeout,
                                        resolve=self.server.resolve)
-        except UpstreamError:
+        except DialError:
             self.dropped += 1
             return
         finally:

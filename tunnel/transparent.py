@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tunnel.connect import Resolver, UpstreamError, UpstreamRefused, open_upstream
+from tunnel.connect import DialError, DialRefused, Resolver, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
 from tunnel.listeners import ListenerSet
 from tunnel.netaddr import is_local_address as _is_local_address
@@ -235,8 +235,8 @@ class TransparentListener:
                 upstream = await open_upstream(dst[0], dst[1], timeout=self.connect_timeout,
                                                local_addr=local, transparent=self.spoof,
                                                resolve=self.resolve)
-            except UpstreamError as e:
-                if isinstance(e, UpstreamRefused):
+            except DialError as e:
+                if isinstance(e, DialRefused):
                     _reset(sock)
                 else:
                     sock.close()

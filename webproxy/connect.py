@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tunnel.connect import Resolver, UpstreamDNSError, UpstreamError, UpstreamTimeout, open_upstream
+from tunnel.connect import DialError, Resolver, open_upstream
 from tunnel.relay import relay
 from webproxy import logcodes
 from webproxy.acl import domain_denied
@@ -17,6 +17,7 @@ from webproxy.httpmsg import BadTarget, has_via_loop, parse_authority
 from webproxy.metrics import TALLY
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+DIAL_FAILURE = {"dns": "cannot resolve {host}: {e}", "timeout": "timed out connecting to {e}"}
 
 
 class ConnectHandler:
@@ -48,12 +49,9 @@ class ConnectHandler:
         ex.code = logcodes.TUNNEL
         try:
             upstream = await open_upstream(host, port, timeout=cfg.upstream["connect_timeout"], resolve=self.resolve)
-        except UpstreamDNSError as e:
-            return answers.error(rw, ex, 502, f"cannot resolve {host}: {e}", close=True)
-        except UpstreamTimeout as e:
-            return answers.error(rw, ex, 504, f"timed out connecting to {e}", close=True)
-        except UpstreamError as e:
-            return answers.error(rw, ex, 502, f"cannot connect to {e}", close=True)
+        except DialError as e:  # e.status: 504 for a timeout, else 502
+            return answers.error(rw, ex, e.status, DIAL_FAILURE.get(e.kind, "cannot connect to {e}").format(
+                host=host, e=e), close=True)
         peer = upstream.getpeername()
         # Checked on the address actually reached, so no spelling of the proxy's own address
         # ([::ffff:127.0.0.1], 0.0.0.0, [::], a name) tunnels a client back into the proxy.

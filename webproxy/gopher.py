@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
-from tunnel.connect import Resolver, UpstreamError, UpstreamTimeout, open_upstream
+from tunnel.connect import DialError, DialTimeout, Resolver, open_upstream
 from webproxy.errors import OriginError
 from webproxy.gophermenu import (
     MENU_TYPES,
@@ -141,9 +141,9 @@ async def fetch(target: Target, method: str, *, timeout: float, resolve: Resolve
         return _html(render_search_form(title))
     try:
         sock = await open_upstream(target.host, target.port, timeout=timeout, resolve=resolve)
-    except UpstreamTimeout as e:
+    except DialTimeout as e:
         return _error(504, f"gopher server {where} did not answer in time: {e}")
-    except UpstreamError as e:
+    except DialError as e:
         return _error(502, f"cannot reach gopher server {e}")
     reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
     try:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tunnel.netaddr import is_local_address
 from webproxy import config as config_mod
 from webproxy import logcodes, logfiles, metrics, service
 from webproxy.accesslog import AccessLog
@@ -76,7 +77,7 @@ class ProxyServer:
         self.listen_addrs: list[tuple[str, int]] = []
         self.started = time.time()
         self.requests = 0
-        self._local: dict[str, bool] = {}
+        self._self: dict[tuple[str, int], bool] = {}
         self._stopping: asyncio.Future[None] = self.loop.create_future()
         self._hurry = False  # a second SIGTERM/SIGINT: end the grace period now
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -156,20 +157,22 @@ class ProxyServer:
         return client_allowed(client_ip, self.cfg.access["admin_clients"])
 
     def is_self(self, host: str, port: int) -> bool:
-        if host == "localhost":
-            host = "127.0.0.1"
-        return names_listener(host, port, self.listen_addrs, self.is_local_address(host))
+        """Whether host:port names one of our listeners; remembered per (host, port): every
+        request asks, and the answer changes only with the listeners."""
+        key = (host, port)
+        known = self._self.get(key)
+        if known is None:
+            ip = "127.0.0.1" if host == "localhost" else host
+            known = names_listener(ip, port, self.listen_addrs, self.is_local_address(ip))
+            if len(self._self) >= 4096:
+                self._self.clear()
+            self._self[key] = known
+        return known
 
     def is_local_address(self, ip: str) -> bool:
-        """Whether `ip` is an address of this host (it can be bound to); remembered per address."""
-        known = self._local.get(ip)
-        if known is None:
-            addr = ip_of(ip)
-            known = addr is not None and (addr.is_loopback or addr.is_unspecified or _bindable(str(addr)))
-            if len(self._local) > 4096:
-                self._local.clear()
-            self._local[ip] = known
-        return known
+        """Whether `ip` is an address of this host (loopback, or one it can bind to)."""
+        addr = ip_of(ip)
+        return addr is not None and (addr.is_loopback or addr.is_unspecified or is_local_address(str(addr)))
 
     def destination_refused(self, client_ip: str, ip: str) -> bool:
         """access.deny_destinations, for clients that are not on this host."""
@@ -198,6 +201,7 @@ class ProxyServer:
             self.servers.append(srv)
             addr = sock.getsockname()
             self.listen_addrs.append((addr[0], addr[1]))
+            self._self.clear()
         self._schedule_flush()
 
     def reload_access(self) -> None:
@@ -471,13 +475,3 @@ def _run_workers(cfg: config_mod.Config, per_worker: list[list[socket.socket]], 
                 continue
         code = max(code, os.waitstatus_to_exitcode(status))
     return code
-
-
-def _bindable(ip: str) -> bool:
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((ip, 0))
-        return True
-    except OSError:
-        return False
