@@ -57,6 +57,31 @@ def _present(request: Request) -> set[str] | frozenset[str]:
     return {k.lower() for k, _ in request.headers} & _RELEVANT
 
 
+def is_plain(request: Request) -> bool:
+    """A GET that carries none of the fields that change a decision (no Cache-Control, Pragma,
+    conditionals or Range): most requests, and the only kind `plain_hit_until` speaks for."""
+    return request.method == "GET" and not _present(request)
+
+
+def plain_hit_until(stored: StoredResponse, policy: Policy) -> float:
+    """Until when `decide` answers a plain request (is_plain) with HIT 200 from `stored`: its
+    age grows one second per second, so it is fresh until a fixed time (RFC 9111 4.2). 0 when
+    never: not a 200, a Vary (the answer depends on the request's fields), or no-cache (always
+    revalidated, 5.2.2.4). Remembered per stored response and policy: the hit path asks this
+    instead of running the whole decision for every request."""
+    memo = stored.memo.get("plain_hit_until")
+    if memo is not None and memo[0] is policy:
+        return memo[1]
+    until = 0.0
+    if stored.status == 200 and not vary.names_of(stored):
+        cc = directives(stored)
+        if not ("no-cache" in cc and cc.arg("no-cache") is None):
+            ref = stored.response_time
+            until = ref + freshness_lifetime(stored, policy) - current_age(stored, ref)
+    stored.memo["plain_hit_until"] = (policy, until)
+    return until
+
+
 def decide(request: Request, stored: StoredResponse | None, now: float, policy: Policy) -> Decision:
     method = request.method.upper()
     if method not in ("GET", "HEAD"):

@@ -50,11 +50,17 @@ def secondary_key(response_headers: Headers, request_headers: Headers) -> tuple[
     return tuple((n, normalise(request_headers, n)) for n in vary_names(response_headers) if n != "*")
 
 
-def matches(stored: StoredResponse, request_headers: Headers) -> bool:
-    """Whether `stored` may be used for a request with `request_headers` (4.1)."""
+def names_of(stored: StoredResponse) -> list[str]:
+    """The field names `stored`'s Vary lists (["*"] for Vary: *), parsed once per stored response."""
     names = stored.memo.get("vary")
     if names is None:
         names = stored.memo["vary"] = vary_names(stored.headers)
+    return names
+
+
+def matches(stored: StoredResponse, request_headers: Headers) -> bool:
+    """Whether `stored` may be used for a request with `request_headers` (4.1)."""
+    names = names_of(stored)
     if not names:
         return True
     if names == ["*"]:

@@ -126,3 +126,37 @@ def test_only_a_miss_whose_answer_can_be_shared_leads_a_collapsed_fetch():
     for r in waits_or_fetches_alone:
         step = begin(r, None)
         assert isinstance(step, Fetch) and not step.lead, (r.method, r.headers)
+
+
+def test_the_plain_hit_shortcut_agrees_with_the_full_decision():
+    """plain_hit_until (the hit path's shortcut) never says HIT 200 where decide() would not, and
+    says it exactly when decide() does for every response without a Vary (a Vary always takes the
+    full decision, which compares the request's fields)."""
+    from cache.decision import Action, decide, is_plain, plain_hit_until
+
+    lm = http_date(T0 - 10_000)
+    cases = [
+        [("Cache-Control", "max-age=60")],
+        [("Cache-Control", "s-maxage=30, max-age=600")],
+        [("Expires", http_date(T0 + 45))],
+        [("Last-Modified", lm)],  # heuristic: a tenth of its age
+        [("Cache-Control", "max-age=60"), ("Age", "50")],
+        [("Cache-Control", "no-cache, max-age=60")],
+        [("Cache-Control", "max-age=60"), ("Vary", "Accept-Encoding")],
+        [("Cache-Control", "max-age=60"), ("Vary", "*")],
+        [("Cache-Control", "max-age=0")],
+        [("Cache-Control", "max-age=60, must-revalidate")],
+    ]
+    plain = req()
+    assert is_plain(plain) and not is_plain(req(("Range", "bytes=0-1"))) and not is_plain(req(method="HEAD"))
+    for fields in cases:
+        for status in (200, 404):
+            s = stored(fields, status=status)
+            until = plain_hit_until(s, POLICY)
+            for dt in range(0, 1200, 7):
+                d = decide(plain, s, T0 + dt, POLICY)
+                full = d.action is Action.HIT and d.status == 200
+                shortcut = T0 + dt < until
+                assert full if shortcut else True, (fields, status, dt, until)
+                if not any(k == "Vary" for k, _ in fields):
+                    assert shortcut == full, (fields, status, dt, until)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache import conditional, invalidation, transaction
-from cache.decision import Action, Decision, decide, head_for
+from cache.decision import Action, Decision, decide, head_for, is_plain, plain_hit_until
 from cache.fill import Fill
 from cache.freshness import age_header_value
 from cache.key import BadURL, cache_key
@@ -103,9 +103,14 @@ class CacheLayer:
             hit.close()
             return None
         now = time.time()
-        d = decide(CacheRequest(req.method, target.origin_url, req.headers), hit.stored, now, self.store.policy)
-        if d.action is not Action.HIT or d.status != 200:
-            return None
+        rq = CacheRequest(req.method, target.origin_url, req.headers)
+        if is_plain(rq):
+            if now >= plain_hit_until(hit.stored, self.store.policy):
+                return None  # stale: revalidated in the serve task
+        else:
+            d = decide(rq, hit.stored, now, self.store.policy)
+            if d.action is not Action.HIT or d.status != 200:
+                return None
         self.store.count_use(hit.key, hit.size)
         return self.serve_fast(rw, ex, hit, now)
 
