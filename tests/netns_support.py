@@ -306,3 +306,44 @@ def read_until_closed(s: socket.socket) -> bytes:
             break
         out += chunk
     return bytes(out)
+
+
+class BannerEcho:
+    """Server-speaks-first, like SSH: greets with a banner naming the peer it sees, then echoes."""
+
+    def __init__(self, ns: str, ports: list[int]):
+        self.socks = []
+        for port in ports:
+            s = ns_socket(ns, socket.AF_INET6)  # dual-stack: serves IPv4 and IPv6
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::", port))
+            s.listen(64)
+            self.socks.append(s)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, ls):
+        while True:
+            try:
+                c, addr = ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c, addr), daemon=True).start()
+
+    @staticmethod
+    def _serve(c, addr):
+        with c:
+            try:
+                peer = addr[0].removeprefix("::ffff:")
+                c.sendall(f"SSH-2.0-test peer={peer}\r\n".encode())
+                while data := c.recv(65536):
+                    c.sendall(data)
+            except OSError:
+                pass
+
+    def close(self):
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

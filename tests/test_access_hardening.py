@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.support import RawClient, curl, free_port, read_all
+from tests.support import MethodEchoOrigin, RawClient, curl, free_port, read_all
 
 
 @pytest.mark.parametrize("spelling", ["[::ffff:127.0.0.1]", "0.0.0.0", "127.0.0.1", "localhost"])
@@ -114,3 +114,11 @@ def test_lan_clients_cannot_reach_the_proxy_hosts_loopback_services(make_proxy, 
     assert origin.hits["/text/private"] == before
     # a client on the proxy host itself is not restricted by deny_destinations
     assert curl("-x", f"http://127.0.0.1:{local_port}", origin.url("/text/private")).stdout == b"hello private\n"
+
+
+def test_a_target_ending_in_a_question_mark_is_forwarded_byte_exact(proxy):
+    o = MethodEchoOrigin()
+    c = RawClient(proxy.port)
+    c.send(f"GET http://127.0.0.1:{o.port}/q? HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert c.response()[1] == b"GET /q? HTTP/1.1"
+    o.stop()

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns_support import BannerEcho, in_ns, ns_socket, read_line, sh, skip_reason
 from tests.support import write_config
-from tests.test_tunnel_transparent import _REASON, BannerEcho, in_ns, ns_socket, read_line, sh
+
+_REASON = skip_reason()
 
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 

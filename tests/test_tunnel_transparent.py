@@ -14,14 +14,12 @@ inside their namespaces. Nothing here touches the host's own network namespace.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import queue
 import re
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
@@ -31,98 +29,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns_support import BannerEcho, in_ns, ns_socket, read_line, sh, skip_reason
+
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 20.0
-CLONE_NEWNET = 0x40000000
 REDIRECT_PORT, TPROXY_PORT = 3129, 3130
 PROXY_PORT = 3128  # stands for the proxy's explicit listener in the loop test
 CLIENT, GW_C, GW_S, SERVER = "10.200.1.2", "10.200.1.1", "10.200.2.1", "10.200.2.2"
 CLIENT6, GW_C6, GW_S6, SERVER6 = "fd00:200:1::2", "fd00:200:1::1", "fd00:200:2::1", "fd00:200:2::2"
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if not shutil.which("ip") or not shutil.which("iptables"):
-        return "needs iproute2 and iptables"
-    probe = f"wpprobe{secrets.token_hex(3)}"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
-        return "ip netns is unavailable here"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-def in_ns(ns: str, *cmd: str) -> None:
-    sh("ip", "netns", "exec", ns, *cmd)
-
-
-def ns_socket(ns: str, family: int = socket.AF_INET) -> socket.socket:
-    """A socket living in namespace `ns`: created by a thread that joined it (setns is per thread)."""
-    out: list = []
-
-    def make():
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(f"/var/run/netns/{ns}") as f:
-            if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
-                out.append(OSError(ctypes.get_errno(), "setns failed"))
-                return
-        out.append(socket.socket(family, socket.SOCK_STREAM))
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(out[0], Exception):
-        raise out[0]
-    return out[0]
-
-
-class BannerEcho:
-    """Server-speaks-first, like SSH: greets with a banner naming the peer it sees, then echoes."""
-
-    def __init__(self, ns: str, ports: list[int]):
-        self.socks = []
-        for port in ports:
-            s = ns_socket(ns, socket.AF_INET6)  # dual-stack: serves IPv4 and IPv6
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::", port))
-            s.listen(64)
-            self.socks.append(s)
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, ls):
-        while True:
-            try:
-                c, addr = ls.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c, addr), daemon=True).start()
-
-    @staticmethod
-    def _serve(c, addr):
-        with c:
-            try:
-                peer = addr[0].removeprefix("::ffff:")
-                c.sendall(f"SSH-2.0-test peer={peer}\r\n".encode())
-                while data := c.recv(65536):
-                    c.sendall(data)
-            except OSError:
-                pass
-
-    def close(self):
-        for s in self.socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
 
 
 GATEWAY_CODE = """
@@ -233,16 +151,6 @@ def client_connect(topo, host: str, port: int) -> socket.socket:
     s.settimeout(WAIT)
     s.connect((host, port))
     return s
-
-
-def read_line(s: socket.socket) -> bytes:
-    out = b""
-    while not out.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        out += chunk
-    return out
 
 
 def recv_all(s: socket.socket) -> bytes:
