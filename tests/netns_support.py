@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import write_config
+from tests.support import read_all, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLONE_NEWNET = 0x40000000
@@ -296,16 +296,8 @@ def read_line(s: socket.socket) -> bytes:
 
 
 def read_until_closed(s: socket.socket) -> bytes:
-    out = bytearray()
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
+    """Everything until the peer closes, under the socket's own timeout."""
+    return read_all(s, s.gettimeout())
 
 
 class BannerEcho:

@@ -425,7 +425,7 @@ def header(resp: h11.Response, name: str) -> str | None:
     return None
 
 
-def read_all(sock: socket.socket, timeout: float = 10) -> bytes:
+def read_all(sock: socket.socket, timeout: float | None = 10) -> bytes:
     sock.settimeout(timeout)
     out = bytearray()
     while True:

@@ -34,12 +34,13 @@ ALLOW_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"
 TRACE_SECRET_FIELDS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
-def refusal(env: Env, req: Request, target: Target) -> tuple[int, str] | None:
-    """Domain filter and loop detection for any fetch: (status, message) when refused."""
+def refusal(env: Env, req: Request, target: Target, looped: bool | None = None) -> tuple[int, str] | None:
+    """Domain filter and loop detection for any fetch: (status, message) when refused. `looped`:
+    whether our Via is on the request, when the caller has looked already."""
     why = domain_denied(target.host, env.cfg.access)
     if why:
         return 403, f"access denied: {why}"
-    if has_via_loop(req.headers, env.cfg.server["name"]):
+    if looped if looped is not None else has_via_loop(req.headers, env.cfg.server["name"]):
         return 508, (f"forwarding loop detected: this request for {target.host} "
                      "has already passed through this proxy")
     return None
@@ -60,6 +61,32 @@ async def destination_refusal(env: Env, resolve: Resolver, client_ip: str, host:
     if any(env.destination_refused(client_ip, ip) for ip in ips):
         return f"access denied: {host} is an address of the proxy host (see access.deny_destinations)"
     return None
+
+
+async def fetch_refusal(env: Env, resolve: Resolver, req: Request, target: Target,
+                        client_ip: str) -> tuple[int, str] | None:
+    """Every check a fetch of any scheme passes before it goes out: the domain filter, loops, and
+    access.deny_destinations on the address actually dialled (the original destination when
+    intercepted)."""
+    refused = refusal(env, req, target)
+    if refused is not None:
+        return refused
+    host = target.connect.rsplit(":", 1)[0].strip("[]") if target.connect else target.host
+    why = await destination_refusal(env, resolve, client_ip, host, target.port)
+    return (403, why) if why is not None else None
+
+
+async def through_cache(cache: CacheHandler | None, answers: Answers, conn: ClientConnection, req: Request,
+                        rw: ResponseWriter, ex: Exchange, target: Target, headers: Headers, opener: Opener,
+                        shared: bool = True) -> bool:
+    """A fetcher's answer (ftp, gopher): from the cache when it is on and the answer may be
+    `shared`, else relayed straight from the origin."""
+    if cache is not None and shared:
+        handled = await cache.handle(conn, req, rw, ex, target, headers, opener)
+        if handled is not None:
+            return handled
+    ex.code = logcodes.MISS
+    return await answers.relay(req, rw, ex, await opener(req.method, headers))
 
 
 def max_forwards_reached(req: Request) -> bool:
@@ -104,14 +131,9 @@ class HttpForwarder:
 
     async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target,
                      cacheable: bool = True) -> bool:
-        refused = refusal(self.env, req, target)
+        refused = await fetch_refusal(self.env, self.resolve, req, target, conn.client_ip)
         if refused is not None:
             return self.answers.deny(rw, ex, *refused)
-        why = await destination_refusal(self.env, self.resolve, conn.client_ip,
-                                        target.connect.rsplit(":", 1)[0].strip("[]") if target.connect else target.host,
-                                        target.port)
-        if why is not None:
-            return self.answers.deny(rw, ex, 403, why)
         if max_forwards_reached(req):
             return self.answer_max_forwards(req, rw, ex)
         cache = self.cache

@@ -17,7 +17,7 @@ from webproxy.context import Env
 from webproxy.dns import Resolver
 from webproxy.errors import OriginError
 from webproxy.exchange import Answers, Exchange
-from webproxy.forward import CacheHandler, destination_refusal, refusal
+from webproxy.forward import CacheHandler, fetch_refusal, through_cache
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.ftp import FtpResponse, FtpTransferError, fetch
 from webproxy.ftppool import FtpPool
@@ -76,25 +76,17 @@ class FtpGate:
         return resp
 
     async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange, target: Target) -> bool:
-        refused = refusal(self.env, req, target)
+        refused = await fetch_refusal(self.env, self.resolve, req, target, conn.client_ip)
         if refused is not None:
             return self.answers.deny(rw, ex, *refused)
-        why = await destination_refusal(self.env, self.resolve, conn.client_ip, target.host, target.port)
-        if why is not None:
-            return self.answers.deny(rw, ex, 403, why)
         headers = [(k, v) for k, v in req.headers if k.lower() not in ("host", "proxy-authorization")]
 
         async def opener(method: str, hdrs: Headers) -> OriginResponse:
             return await self.open(req.target, ex, target, method, hdrs)
 
-        cache = self.cache
         # Only anonymous fetches are shared: a user's files stay that user's.
-        if cache is not None and not target.userinfo and get_header(req.headers, "authorization") is None:
-            handled = await cache.handle(conn, req, rw, ex, target, headers, opener)
-            if handled is not None:
-                return handled
-        ex.code = logcodes.MISS
-        return await self.answers.relay(req, rw, ex, await opener(req.method, headers))
+        shared = not target.userinfo and get_header(req.headers, "authorization") is None
+        return await through_cache(self.cache, self.answers, conn, req, rw, ex, target, headers, opener, shared)
 
     def opener_for(self, url: str, target: Target) -> Opener:
         """Fetches with no client request behind them (background refresh)."""

@@ -10,7 +10,7 @@ from tunnel.connect import Resolver
 from webproxy import logcodes
 from webproxy.context import Env
 from webproxy.exchange import Answers, Exchange
-from webproxy.forward import CacheHandler, destination_refusal, refusal
+from webproxy.forward import CacheHandler, fetch_refusal, through_cache
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.gopher import fetch
 from webproxy.httpmsg import Headers, Target
@@ -42,19 +42,11 @@ class GopherGate:
 
     async def handle(self, conn: ClientConnection, req: Request, rw: ResponseWriter, ex: Exchange,
                      target: Target) -> bool:
-        refused = refusal(self.env, req, target)
+        refused = await fetch_refusal(self.env, self.resolve, req, target, conn.client_ip)
         if refused is not None:
             return self.answers.deny(rw, ex, *refused)
-        why = await destination_refusal(self.env, self.resolve, conn.client_ip, target.host, target.port)
-        if why is not None:
-            return self.answers.deny(rw, ex, 403, why)
 
         async def opener(method: str, hdrs: Headers) -> OriginResponse:
             return await self.open(ex, target, method)
 
-        if self.cache is not None:
-            handled = await self.cache.handle(conn, req, rw, ex, target, [], opener)
-            if handled is not None:
-                return handled
-        ex.code = logcodes.MISS
-        return await self.answers.relay(req, rw, ex, await opener(req.method, []))
+        return await through_cache(self.cache, self.answers, conn, req, rw, ex, target, [], opener)

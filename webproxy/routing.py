@@ -120,8 +120,9 @@ class Router:
         cache = self.forwarder.cache
         if cache is None or req.method != "GET" or conn.transparent_dst is not None:
             return False
-        routed = self._route(conn, req)
-        if routed.route is not Route.HTTP or routed.target is None or refusal(self.env, req, routed.target):
+        looped = has_via_loop(req.headers, self.env.cfg.server["name"])
+        routed = route(req.method, req.target, conn.denied, False, looped, self.env.is_self)
+        if routed.route is not Route.HTTP or routed.target is None or refusal(self.env, req, routed.target, looped):
             return False
         rw = ResponseWriter(conn, req)
         ex = Exchange(req.target)
