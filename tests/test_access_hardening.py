@@ -4,7 +4,6 @@ refused clients are closed at once, and the status page is for admin clients onl
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import time
 
 import pytest
 
+from tests.netns_support import skip_reason
 from tests.support import MethodEchoOrigin, RawClient, curl, free_port, read_all
 
 
@@ -61,20 +61,10 @@ def test_status_page_is_for_admin_clients_only(make_proxy):
     assert b"webproxy" in r.stdout and b"requests served" in r.stdout
 
 
-def _netns_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create a network namespace"
-    probe = f"wpa{secrets.token_hex(3)}"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
-        return "ip netns is unavailable here"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
 @pytest.fixture
 def lan_client():
     """A namespace on a veth link to this host: a client on the LAN, 10.203.1.2 -> 10.203.1.1."""
-    reason = _netns_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     tag = secrets.token_hex(3)
