@@ -152,6 +152,10 @@ RESTART_KEYS = {"server.listen", "server.workers", "server.user", "server.group"
                 "cache.directory", "transparent.listen", "transparent.mode",
                 *(f"socks.{key}" for key in SCHEMA["socks"])}
 
+# Tables that a section holds as a list (`[[upstream.parent]]`, `[[auth.rule]]`): a key of kind
+# "tables:NAME" in SCHEMA; each entry is checked against TABLE_SCHEMA[NAME].
+TABLE_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {}
+
 # Sections that are lists of tables; each entry is checked against its own schema.
 LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "tunnel": {
@@ -276,7 +280,9 @@ def _check_section(where: str, schema: dict[str, tuple[str, Any]], table: Any) -
             known = ", ".join(schema)
             raise ConfigError(f"config: unknown key '{where}.{key}' (known keys in [{where}]: {known})")
     for key, (kind, default) in schema.items():
-        if key in table:
+        if kind.startswith("tables:"):
+            out[key] = _check_tables(f"{where}.{key}", TABLE_SCHEMA[kind[7:]], table.get(key, default))
+        elif key in table:
             try:
                 out[key] = _check(kind, table[key])
             except ValueError as e:
@@ -286,6 +292,12 @@ def _check_section(where: str, schema: dict[str, tuple[str, Any]], table: Any) -
         else:
             out[key] = _check(kind, default)
     return out
+
+
+def _check_tables(where: str, schema: dict[str, tuple[str, Any]], value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"config: '{where}' is a list of tables, written [[{where}]]")
+    return [_check_section(f"{where}[{i}]", schema, t) for i, t in enumerate(value)]
 
 
 @dataclass
