@@ -78,9 +78,10 @@ class ProxyServer:
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
+        self.interceptor = Interceptor(self, self, self.authority)
         self.router = Router(self, self.answers, self.forwarder,
-                             ConnectHandler(self, self.answers, self.resolve, self.release,
-                                            Interceptor(self, self, self.authority)), self.ftp, self.gopher,
+                             ConnectHandler(self, self.answers, self.resolve, self.release, self.interceptor),
+                             self.ftp, self.gopher,
                              TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
