@@ -15,6 +15,7 @@ them, and signing and handshakes cost a fraction of RSA-2048's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -22,6 +23,7 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -72,19 +74,18 @@ def startup_problem(ca_dir: str, intercept: list[str]) -> str | None:
 
 
 def _write_private(path: str, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600 from the first byte: a temporary file created
-    exclusively with that mode, then renamed over `path` (atomic: never half-written)."""
+    """Create `path` holding `data` with mode 0600 from the first byte: a temporary file created
+    exclusively with that mode, then linked into place (atomic: never half-written, and never
+    replacing a file another process created first: FileExistsError then)."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.fchmod(fd, 0o600)  # in case the umask or an ACL made it different
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 def _write_public(path: str, data: bytes) -> None:
@@ -178,17 +179,23 @@ class Authority:
         self._contexts: OrderedDict[str, tuple[ssl.SSLContext, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.minted = 0  # leaves signed by this process (tests, stats)
+        self._scratch: str | None = None
 
     def _load_leaf_key(self) -> ec.EllipticCurvePrivateKey:
+        """The shared leaf key, created on first use; several workers starting at once all end up
+        with the one that was linked into place first (the file is what TLS contexts load)."""
+        if not os.path.exists(self.leaf_key_path):
+            with contextlib.suppress(FileExistsError):
+                _write_private(self.leaf_key_path, _key_pem(ec.generate_private_key(ec.SECP256R1())))
         try:
             with open(self.leaf_key_path, "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), None)
-            if isinstance(key, ec.EllipticCurvePrivateKey):
-                return key
-        except (OSError, ValueError, TypeError):
-            pass
-        key = ec.generate_private_key(ec.SECP256R1())
-        _write_private(self.leaf_key_path, _key_pem(key))
+        except OSError as e:
+            raise CAError(f"cannot read {self.leaf_key_path}: {e.strerror}") from None
+        except (ValueError, TypeError):
+            raise CAError(f"{self.leaf_key_path} is damaged; remove it (a new one is made)") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CAError(f"{self.leaf_key_path} is not an EC key; remove it (a new one is made)")
         return key
 
     def cached(self, name: str, now: float) -> ssl.SSLContext | None:
@@ -210,8 +217,16 @@ class Authority:
         not_after = self._on_disk(path, now)
         if not_after is None:
             pem, not_after = self.mint(name, now)
-            os.makedirs(self.leaf_dir, mode=0o700, exist_ok=True)
-            _write_public(path, pem)
+            try:
+                os.makedirs(self.leaf_dir, mode=0o700, exist_ok=True)
+                _write_public(path, pem)
+            except OSError:
+                # ca_dir not writable (e.g. after dropping privileges): keep it in a private
+                # scratch directory instead; it is only re-minted after a restart.
+                if self._scratch is None:
+                    self._scratch = tempfile.mkdtemp(prefix="webproxy-leaves-")
+                path = os.path.join(self._scratch, _safe_name(name) + ".pem")
+                _write_public(path, pem)
         ctx = server_context(path, self.leaf_key_path)
         with self._lock:
             self._contexts[name] = (ctx, not_after)
