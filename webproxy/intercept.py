@@ -24,6 +24,7 @@ from webproxy.context import Env
 from webproxy.frontend import ClientConnection, ConnectionHost, Inherited
 from webproxy.httpmsg import error_body
 from webproxy.tlspolicy import cert_name, handshake_rejected, intercepted
+from webproxy.tlstransport import TlsTransport, accept_tls
 
 HELLO_TIMEOUT = 10.0  # seconds a client has to send its ClientHello after "200 Connection established"
 HANDSHAKE_TIMEOUT = 10.0
@@ -93,8 +94,7 @@ class Interceptor:
         inh.ended = loop.create_future()
         inner = ClientConnection(self.host, inherited=inh)
         try:
-            await loop.connect_accepted_socket(lambda: inner, sock, ssl=ctx,
-                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            tls = await accept_tls(sock, ctx, HANDSHAKE_TIMEOUT)
         except (OSError, EOFError, TimeoutError) as e:
             sock.close()
             if handshake_rejected(e):
@@ -109,6 +109,7 @@ class Interceptor:
             else:
                 self._log(f"{who}: TLS handshake failed: {_why(e)}")
             return
+        TlsTransport(loop, tls, inner).start()
         await inh.ended
 
     def _not_tls(self, sock: socket.socket, who: str) -> None:

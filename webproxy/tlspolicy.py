@@ -91,6 +91,8 @@ def handshake_rejected(e: BaseException) -> bool:
     """Whether a failed handshake with a client means it refused our certificate (certificate
     pinning, or our CA not trusted): an alert about the certificate (RFC 8446 6.2), or the client
     hanging up in the middle of the handshake (what most pinning clients do)."""
+    if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return True  # it hung up mid-handshake
     if isinstance(e, ssl.SSLError):
         reason = (e.reason or "").upper()
         return any(word in reason for word in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
