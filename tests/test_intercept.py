@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import ssl
 import stat
 import subprocess
@@ -161,6 +162,36 @@ def test_https_through_the_proxy_twice_the_second_is_a_hit(world):
     assert any("CONNECT localhost:" in ln for ln in world.proxy.access_lines())
 
 
+def test_a_large_hit_over_tls_is_sent_encrypted_and_whole(world):
+    # Bodies stored in files are sendfile()d to plain clients; over TLS they must go through the
+    # TLS layer, or the client would get plaintext inside its TLS stream.
+    body = os.urandom(3 << 20)
+    url = world.good.put("large", body, Cache_Control="max-age=600").replace("http://127.0.0.1", "https://localhost")
+    for _ in range(2):
+        r = curl("-x", world.proxy.url, "--cacert", world.ca_file, url)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == body
+    assert world.good.full["large"] == 1
+
+
+def test_a_post_inside_an_intercepted_tunnel_reaches_the_origin_with_its_body(world):
+    data = os.urandom(300_000)
+    (world.tmp / "post.bin").write_bytes(data)
+    r = curl("-x", world.proxy.url, "--cacert", world.ca_file, "--data-binary", f"@{world.tmp / 'post.bin'}",
+             f"https://localhost:{world.good.port}/upload")
+    assert r.returncode == 0, r.stderr
+    assert f'"length": {len(data)}'.encode() in r.stdout
+    assert hashlib.sha256(data).hexdigest().encode() in r.stdout
+
+
+def test_minted_certificates_are_kept_on_disk_in_the_ca_directory(world):
+    r = curl("-x", world.proxy.url, "--cacert", world.ca_file, f"https://localhost:{world.good.port}/text/disk")
+    assert r.returncode == 0, r.stderr
+    leaves = list((world.ca_dir / "leaves").glob("*/localhost.pem"))
+    assert len(leaves) == 1
+    assert stat.S_IMODE(os.stat(world.ca_dir / "leaf-key.pem").st_mode) == 0o600
+
+
 def test_pip_downloads_from_an_https_index_through_the_proxy_and_the_second_from_cache(world):
     name = world.wheel_name
     index = f"https://localhost:{world.good.port}/simple/"
@@ -257,9 +288,11 @@ def test_ca_init_makes_a_key_only_its_owner_can_read_and_show_says_how_to_trust_
     assert "PRIVATE KEY" not in shown.stdout
 
 
-def test_the_proxy_refuses_to_start_with_a_ca_key_others_can_read(tmp_path):
+def test_the_proxy_refuses_to_start_with_a_ca_key_others_can_read(world, tmp_path):
     d = tmp_path / "ca"
-    assert run_webproxy("ca", "init", "--dir", str(d)).returncode == 0
+    d.mkdir()
+    for name in ("ca.pem", "ca-key.pem"):
+        shutil.copy(world.ca_dir / name, d / name)
     os.chmod(d / "ca-key.pem", 0o644)
     cfg = write_config(tmp_path / "w.toml", {"server": {"listen": ["127.0.0.1:0"]},
                                              "cache": {"directory": str(tmp_path / "cache")},

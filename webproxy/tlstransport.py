@@ -99,8 +99,8 @@ class TlsTransport(asyncio.Transport):
                 self._on_eof()
                 return
             self._protocol.data_received(data)
-            if not self._tls.pending():
-                return
+            if not self._reading or self._closed or not self._tls.pending():
+                return  # (paused or closed by the protocol; else more decrypted bytes are waiting)
 
     def _on_eof(self) -> None:
         self.pause_reading()
@@ -118,7 +118,11 @@ class TlsTransport(asyncio.Transport):
             self._reading = True
             self._loop.add_reader(self._fd, self._on_readable)
             if self._tls.pending():  # decrypted bytes already waiting: no readiness event will come
-                self._loop.call_soon(self._on_readable)
+                self._loop.call_soon(self._read_pending)
+
+    def _read_pending(self) -> None:
+        if self._reading and not self._closed:
+            self._on_readable()
 
     def is_reading(self) -> bool:
         return self._reading
