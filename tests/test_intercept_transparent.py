@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from tests.netns_support import SERVER, Topology, skip_reason
+from tests.support import run_webproxy
 
 _REASON = skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -61,8 +62,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         topo.procs.append(subprocess.Popen(["ip", "netns", "exec", topo.server, sys.executable, "-c", HTTPS_ORIGIN,
                                             str(tmp / "origin.pem"), str(tmp / "origin-key.pem"), str(hits)]))
         topo.iptables("redirect", 3129, "443")
-        r = subprocess.run([sys.executable, "-m", "webproxy", "ca", "init", "--dir", str(tmp / "ca")],
-                           capture_output=True, text=True)
+        r = run_webproxy("ca", "init", "--dir", str(tmp / "ca"))
         assert r.returncode == 0, r.stderr
         proxy = topo.proxy("p", {
             "server": {"listen": ["127.0.0.1:3128"]},

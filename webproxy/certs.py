@@ -200,10 +200,11 @@ class Authority:
 
     def cached(self, name: str, now: float) -> ssl.SSLContext | None:
         """The server context for `name` if one is in memory and fresh (called on the event loop)."""
-        entry = self._contexts.get(name)
-        if entry is not None and leaf_fresh(entry[1], now):
-            self._contexts.move_to_end(name)
-            return entry[0]
+        with self._lock:  # minting threads add entries (and evict the oldest) concurrently
+            entry = self._contexts.get(name)
+            if entry is not None and leaf_fresh(entry[1], now):
+                self._contexts.move_to_end(name)
+                return entry[0]
         return None
 
     def context_for(self, name: str, now: float | None = None) -> ssl.SSLContext:

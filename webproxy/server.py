@@ -308,6 +308,9 @@ class ProxyServer:
         self.upstream.head_limit = new.server["max_header_size"]
         self.resolver.ttl = new.upstream["dns_ttl"]
         self.reload_access()
+        if new.tls["intercept"] and self.authority is None:
+            self.log_error(f"reload: tls.intercept is set but no CA was loaded at start; run: webproxy ca init "
+                           f"--dir {new.tls['ca_dir']}, then restart webproxy (until then nothing is intercepted)")
         applied = [k for k in changed if k not in needs_restart]
         self.log_error(f"reloaded {new.path}: {len(applied)} change(s) applied"
                        + (f" ({', '.join(applied)})" if applied else ""))
