@@ -4,6 +4,7 @@ re-mint, what the inner URL is, what a ClientHello says) pinned without sockets.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import shutil
@@ -122,11 +123,14 @@ class World:
         self.good.start()
         self.wrong_name = TlsOrigin(self.origin_ca.issue_cert("other.example")).start()
         self.untrusted = TlsOrigin(trustme.CA().issue_cert("localhost")).start()
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+        self.expired = TlsOrigin(self.origin_ca.issue_cert(
+            "localhost", not_before=past - datetime.timedelta(days=30), not_after=past)).start()
         self.ca_dir = tmp / "ca"
         r = run_webproxy("ca", "init", "--dir", str(self.ca_dir))
         assert r.returncode == 0, r.stderr
         self.ca_file = str(self.ca_dir / "ca.pem")
-        ports = [self.good.port, self.wrong_name.port, self.untrusted.port]
+        ports = [self.good.port, self.wrong_name.port, self.untrusted.port, self.expired.port]
         self.proxy = ProxyProcess(tmp, {
             "access": {"connect_ports": [443, *ports]},
             "tls": {"ca_dir": str(self.ca_dir), "intercept": ["localhost"],
@@ -136,7 +140,7 @@ class World:
 
     def stop(self) -> None:
         self.proxy.stop()
-        for o in (self.good, self.wrong_name, self.untrusted):
+        for o in (self.good, self.wrong_name, self.untrusted, self.expired):
             o.stop()
 
 
@@ -210,7 +214,8 @@ def test_pip_downloads_from_an_https_index_through_the_proxy_and_the_second_from
                                   for ln in world.proxy.access_lines()))
 
 
-@pytest.mark.parametrize(("which", "reason"), [("untrusted", "unknown issuer"), ("wrong_name", "name mismatch")])
+@pytest.mark.parametrize(("which", "reason"), [("untrusted", "unknown issuer"), ("wrong_name", "name mismatch"),
+                                               ("expired", "certificate expired")])
 def test_an_origin_that_fails_verification_is_a_502_naming_the_reason(world, which, reason):
     origin = getattr(world, which)
     r = curl("-x", world.proxy.url, "--cacert", world.ca_file, "-w", "%{http_code}",
@@ -262,6 +267,18 @@ def test_garbage_inside_an_intercepted_tunnel_is_closed_and_logged(world):
     assert "Traceback" not in world.proxy.stderr()
     r = curl("-x", world.proxy.url, "--cacert", world.ca_file, f"https://localhost:{world.good.port}/text/alive")
     assert r.stdout == b"hello alive\n"
+
+
+def test_pipelined_requests_inside_the_tunnel_are_answered_in_order(world):
+    with tls_through(world.proxy.port, "localhost", world.good.port, world.ca_file) as s:
+        host = f"localhost:{world.good.port}"
+        s.sendall(f"GET /text/one HTTP/1.1\r\nHost: {host}\r\n\r\nGET /text/two HTTP/1.1\r\nHost: {host}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.count(b"HTTP/1.1 200") == 2
+    assert out.index(b"hello one") < out.index(b"hello two")
 
 
 def test_a_host_header_naming_another_host_inside_the_tunnel_is_a_400(world):
