@@ -231,16 +231,25 @@ class Bench:
 
     # --- origin -------------------------------------------------------------------------
 
-    def start_origin(self, workers: int = 1) -> Origin:
-        """nginx serving OBJECTS under /nocache/, /private/ and /cache/ (see module docstring)."""
+    def start_origin(self, workers: int = 1, locations: str | None = None,
+                     files: dict[str, bytes] | None = None) -> Origin:
+        """nginx serving OBJECTS under /nocache/, /private/ and /cache/ (see module docstring); or,
+        given `locations` (nginx location blocks), those over `files` (name: bytes) in its root."""
         d = self.dir / "nginx"
         www = d / "www"
         for loc in ("nocache", "private", "cache"):
             (www / loc).mkdir(parents=True, exist_ok=True)
-        for name, fname in OBJECT_PATHS.items():
+        for name, fname in OBJECT_PATHS.items() if files is None else ():
             body = object_body(name)
             for loc in ("nocache", "private", "cache"):
                 (www / loc / fname).write_bytes(body)
+        for fname, body in (files or {}).items():
+            (www / fname).write_bytes(body)
+        if locations is None:
+            locations = """
+        location /nocache/ { add_header Cache-Control "no-store" always; }
+        location /private/ { add_header Cache-Control "private" always; }
+        location /cache/   { add_header Cache-Control "max-age=3600" always; }"""
         (d / "tmp").mkdir(exist_ok=True)
         port = free_port()
         conf = d / "nginx.conf"
@@ -267,10 +276,7 @@ http {{
     keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        root {www};
-        location /nocache/ {{ add_header Cache-Control "no-store" always; }}
-        location /private/ {{ add_header Cache-Control "private" always; }}
-        location /cache/   {{ add_header Cache-Control "max-age=3600" always; }}
+        root {www};{locations}
     }}
 }}
 """)
