@@ -6,6 +6,7 @@ own view of its servers (runtime API)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 from tests.fleet_support import (
     CLIENT_IP,
     HAPROXY,
+    SHIPPED,
     EchoPorts,
     HAProxy,
     connect_through,
@@ -73,6 +75,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             p.stop()
         echo.stop()
         origin.stop()
+
+
+def test_the_shipped_file_is_valid_as_an_admin_copies_it() -> None:
+    check = subprocess.run([str(HAPROXY), "-c", "-f", str(SHIPPED)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def warm(fleet: Fleet, prefix: str, n: int) -> dict[str, str]:
