@@ -111,7 +111,7 @@ def wait_logged(fleet: Fleet, node: str, url: str, count: int) -> list[tuple[str
 
 
 def test_each_url_is_cached_on_exactly_one_node(fleet: Fleet) -> None:
-    owner = warm(fleet, "one", 24)
+    owner = warm(fleet, "one", 30)
     assert set(owner.values()) == set(NODES), Counter(owner.values())  # the URLs spread over the fleet
     for url, node in owner.items():
         status, fields, _ = fleet.get(url)
