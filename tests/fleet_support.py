@@ -20,6 +20,11 @@ from tests.support import ROOT, free_port
 SHIPPED = ROOT / "conf" / "haproxy-fleet.cfg"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 PLACEHOLDER_NODES = ["192.0.2.11:3128", "192.0.2.12:3128", "192.0.2.13:3128"]
+# Loopback addresses apart from HAProxy's own 127.0.0.1: the test config's fleet_clients are
+# CLIENT_IP and ADMIN_IP, its fleet_admins ADMIN_IP.
+CLIENT_IP = "127.0.0.5"
+ADMIN_IP = "127.0.0.9"
+OUTSIDER_IP = "127.0.0.7"
 
 
 def _swap(text: str, old: str, new: str) -> str:
@@ -29,11 +34,14 @@ def _swap(text: str, old: str, new: str) -> str:
 
 
 def fleet_config(listen_port: int, node_ports: list[int], stats_socket: Path, inter: str = "200ms") -> str:
-    """The shipped config with the test's addresses. Everything else (hashing, checks, timeouts,
-    ACLs, forwardfor) is the shipped text."""
+    """The shipped config with the test's addresses (HAProxy's port, the nodes', the client and
+    admin networks). Everything else (hashing, checks, timeouts, rules, forwardfor) is the shipped
+    text."""
     assert len(node_ports) == len(PLACEHOLDER_NODES)
     text = SHIPPED.read_text()
     text = _swap(text, "    bind :3128 ", f"    bind 127.0.0.1:{listen_port} ")
+    text = _swap(text, "    acl fleet_clients src 127.0.0.0/8 ::1 ", f"    acl fleet_clients src {CLIENT_IP} {ADMIN_IP} ")
+    text = _swap(text, "    acl fleet_admins src 127.0.0.0/8 ::1 ", f"    acl fleet_admins src {ADMIN_IP} ")
     for placeholder, port in zip(PLACEHOLDER_NODES, node_ports, strict=True):
         text = _swap(text, f" {placeholder} ", f" 127.0.0.1:{port} ")
     # Production checks every 2 s; a test cannot wait 3 x 2 s for each state change.
@@ -114,16 +122,13 @@ class HAProxy:
             self.proc.wait()
 
 
-CLIENT_IP = "127.0.0.5"  # a fleet client's own loopback address, apart from HAProxy's 127.0.0.1
-
-
 def fleet_request(port: int, url: str, method: str = "GET", source: str = CLIENT_IP) -> tuple[int, dict[str, str], bytes]:
-    """One request for the absolute `url` sent to 127.0.0.1:port from `source`: (status, fields
-    with lower-case names, body)."""
+    """One request for `url` (absolute, or a path) sent to 127.0.0.1:port from `source`: (status,
+    fields with lower-case names, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15, source_address=(source, 0))
     try:
         conn.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", url.split("/")[2])
+        conn.putheader("Host", url.split("/")[2] if "://" in url else "fleet.test")
         conn.endheaders()
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()

@@ -6,6 +6,7 @@ own view of its servers (runtime API)."""
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import pytest
 
 from tests.fleet_support import (
+    ADMIN_IP,
     CLIENT_IP,
     HAPROXY,
+    OUTSIDER_IP,
     SHIPPED,
     EchoPorts,
     HAProxy,
@@ -153,12 +156,28 @@ def test_nodes_see_haproxy_and_origins_see_the_client(fleet: Fleet) -> None:
     assert fleet_request(fleet.nodes[node].port, url)[0] == 403
 
 
-def test_purge_through_the_fleet_reaches_the_node_that_holds_the_url(fleet: Fleet) -> None:
+def test_purge_through_the_fleet_is_for_admins_and_reaches_the_node_that_holds_the_url(fleet: Fleet) -> None:
     (url, node), = warm(fleet, "purge", 1).items()
-    assert fleet.get(url, "PURGE")[0] == 200
+    assert fleet.get(url, "PURGE")[0] == 403  # HAProxy's fleet_admins only
+    assert fleet.get(url)[1]["x-cache"] == f"HIT from {node}"
+    assert fleet_request(fleet.haproxy.port, url, "PURGE", source=ADMIN_IP)[0] == 200
     status, fields, _ = fleet.get(url)
     assert (status, fields["x-cache"]) == (200, f"MISS from {node}")
     assert fleet.origin.full[name_of(url)] == 2
+
+
+def test_node_pages_are_for_fleet_admins_and_the_pac_file_for_every_client(fleet: Fleet) -> None:
+    assert fleet.get("/status")[0] == 403
+    status, _, body = fleet_request(fleet.haproxy.port, "/status", source=ADMIN_IP)
+    assert status == 200 and b"<html" in body.lower()
+    status, fields, _ = fleet.get("/proxy.pac")
+    assert status == 200 and fields["content-type"] == "application/x-ns-proxy-autoconfig"
+
+
+def test_clients_outside_fleet_clients_are_turned_away(fleet: Fleet) -> None:
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        fleet_request(fleet.haproxy.port, fleet.origin.url("/text/outsider"), source=OUTSIDER_IP)
+    assert fleet.origin.hits["/text/outsider"] == 0
 
 
 def test_a_node_that_leaves_moves_only_its_urls_and_gets_them_back(fleet: Fleet) -> None:
