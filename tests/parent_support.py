@@ -9,16 +9,10 @@ import threading
 from typing import Any
 
 
-class FakeParent:
-    """A parent proxy on loopback speaking just enough HTTP/1.1: every request head is recorded in
-    `requests` (connection number, request line, fields lower-cased). Answers:
-    - CONNECT: `connect_answer` (default "200 Connection established"), then echoes the tunnel;
-    - a target containing "/need-auth": 407 with Proxy-Authenticate;
-    - anything else: 200, keep-alive, body "parent saw: <request line>", Cache-Control max-age=300."""
+class ThreadedServer:
+    """A loopback listener serving each connection on a thread: subclasses write `handle`."""
 
-    def __init__(self, connect_answer: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n") -> None:
-        self.connect_answer = connect_answer
-        self.requests: list[dict[str, Any]] = []
+    def __init__(self) -> None:
         self.connections = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,78 +38,77 @@ class FakeParent:
             threading.Thread(target=self._serve, args=(c, n), daemon=True).start()
 
     def _serve(self, c: socket.socket, n: int) -> None:
-        buf = b""
         with c:
             c.settimeout(10)
             try:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        chunk = c.recv(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    head, _, buf = buf.partition(b"\r\n\r\n")
-                    line, *rest = head.decode("latin-1").split("\r\n")
-                    fields = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in rest)}
-                    self.requests.append({"conn": n, "line": line, "fields": fields})
-                    if line.startswith("CONNECT "):
-                        c.sendall(self.connect_answer)
-                        if not self.connect_answer.startswith(b"HTTP/1.1 200"):
-                            return
-                        if buf:
-                            c.sendall(buf)
-                        while chunk := c.recv(65536):
-                            c.sendall(chunk)
-                        return
-                    if "/need-auth" in line:
-                        c.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                                  b"Proxy-Authenticate: Basic realm=\"parent\"\r\nContent-Length: 0\r\n\r\n")
-                        continue
-                    body = f"parent saw: {line}".encode("latin-1")
-                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=300\r\n"
-                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                self.handle(c, n)
             except OSError:
                 return
+
+    def handle(self, c: socket.socket, n: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FakeParent(ThreadedServer):
+    """A parent proxy on loopback speaking just enough HTTP/1.1: every request head is recorded in
+    `requests` (connection number, request line, fields lower-cased). Answers:
+    - CONNECT: `connect_answer` (default "200 Connection established"), then echoes the tunnel;
+    - a target containing "/need-auth": 407 with Proxy-Authenticate;
+    - anything else: 200, keep-alive, body "parent saw: <request line>", Cache-Control max-age=300."""
+
+    def __init__(self, connect_answer: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n") -> None:
+        self.connect_answer = connect_answer
+        self.requests: list[dict[str, Any]] = []
+        super().__init__()
+
+    def handle(self, c: socket.socket, n: int) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                chunk = c.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            line, *rest = head.decode("latin-1").split("\r\n")
+            fields = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in rest)}
+            self.requests.append({"conn": n, "line": line, "fields": fields})
+            if line.startswith("CONNECT "):
+                c.sendall(self.connect_answer)
+                if not self.connect_answer.startswith(b"HTTP/1.1 200"):
+                    return
+                if buf:
+                    c.sendall(buf)
+                while chunk := c.recv(65536):
+                    c.sendall(chunk)
+                return
+            if "/need-auth" in line:
+                c.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                          b"Proxy-Authenticate: Basic realm=\"parent\"\r\nContent-Length: 0\r\n\r\n")
+                continue
+            body = f"parent saw: {line}".encode("latin-1")
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=300\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
     def lines(self) -> list[str]:
         return [r["line"] for r in self.requests]
 
-    def close(self) -> None:
-        self.sock.close()
 
-
-class EchoServer:
+class EchoServer(ThreadedServer):
     """A TCP server that says `banner` first (if any), then echoes whatever it receives."""
 
     def __init__(self, banner: bytes = b"") -> None:
         self.banner = banner
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
-
-    def _echo(self, c: socket.socket) -> None:
-        with c:
-            try:
-                if self.banner:
-                    c.sendall(self.banner)
-                while chunk := c.recv(65536):
-                    c.sendall(chunk)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, c: socket.socket, n: int) -> None:
+        if self.banner:
+            c.sendall(self.banner)
+        while chunk := c.recv(65536):
+            c.sendall(chunk)
 
 
 def connect_through(port: int, authority: str, payload: bytes, timeout: float = 10) -> tuple[bytes, bytes]:

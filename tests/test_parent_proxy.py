@@ -6,6 +6,7 @@ under never_direct."""
 from __future__ import annotations
 
 import base64
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,3 +259,18 @@ def test_a_parent_that_is_this_proxy_is_refused_at_start(tmp_path: Path):
     cfg = write_config(tmp_path / "nd.toml", {"upstream": {"never_direct": True}})
     r = run_cli("run", "-c", str(cfg))
     assert r.returncode == 2 and "no [[upstream.parent]] is configured" in r.stderr
+
+
+def test_a_reload_naming_this_proxy_as_its_parent_is_refused_and_the_old_config_kept(tmp_path: Path, origin: Origin):
+    p = ProxyProcess(tmp_path, {"server": {"name": "child-r"}, "cache": {"enabled": False},
+                                "log": {"error_log": str(tmp_path / "error.log")}}).start()
+    try:
+        text = p.config_path.read_text()
+        p.config_path.write_text(text.replace("[upstream]\n", "") + f'\n[upstream]\nparent = [{{address = "127.0.0.1:{p.port}"}}]\n')
+        p.signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload failed, keeping the running config" in p.error_log(), 5)
+        assert f"'upstream.parent' 127.0.0.1:{p.port} is this proxy's own listen address" in p.error_log()
+        url = origin.put("chain-reload", b"still direct")
+        assert proxy_get(p, url)[2] == b"still direct"
+    finally:
+        p.stop()

@@ -58,8 +58,18 @@ class ParentPath:
         return select(host, up, self.parents(), self.down.until, self.clock(), intercepted)
 
     def _failed(self, p: Parent, why: str) -> None:
-        period = self.down.failed(p.name, self.clock(), self.env.cfg.upstream["parent_down_time"])
-        self.env.log_error(f"parent proxy {p.name} failed ({why}); skipping it for {period:g} s", "info")
+        # Logged when a parent goes down, not on every retry of one already down (never_direct
+        # retries them on each request): one line per outage, as Squid's "Detected DEAD Parent".
+        now = self.clock()
+        was_down = p.name in self.down.strikes
+        period = self.down.failed(p.name, now, self.env.cfg.upstream["parent_down_time"])
+        if not was_down:
+            self.env.log_error(f"parent proxy {p.name} failed ({why}); skipping it for {period:g} s", "info")
+
+    def _answered(self, p: Parent) -> None:
+        if p.name in self.down.strikes:
+            self.env.log_error(f"parent proxy {p.name} is answering again", "info")
+        self.down.succeeded(p.name)
 
     async def follow(self, host: str, plan: Plan, direct: Callable[[], Awaitable[T]],
                      via: Callable[[Parent], Awaitable[T]], retry_unanswered: bool) -> tuple[T, Parent | None]:
@@ -78,7 +88,7 @@ class ParentPath:
                 self._failed(hop, e.message)
                 failures.append((hop, e.message))
                 continue
-            self.down.succeeded(hop.name)
+            self._answered(hop)
             return answer, hop
         never_direct = self.env.cfg.upstream["never_direct"]
         raise UpstreamError(502, plan.reason or unreachable(host, failures, never_direct), "ERR_CONNECT_FAIL")

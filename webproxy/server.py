@@ -269,6 +269,7 @@ class ProxyServer:
             return
         try:
             new = config_mod.load(self.cfg.path)
+            parents.check(new.upstream, self.listen_addrs, self.is_local_address)
             # Both logs are opened before anything changes: a path that cannot be opened keeps the
             # running config whole, old log files included.
             access_file = logfiles.open_log("access_log", new.log["access_log"])
