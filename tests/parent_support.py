@@ -135,3 +135,42 @@ def connect_through(port: int, authority: str, payload: bytes, timeout: float = 
                 break
             rest += chunk
         return head, rest
+
+
+class GopherServer(ThreadedServer):
+    """A gopher server (RFC 1436) on a raw socket: every selector gets `text` (as a type-0 item's
+    body ends: ".\r\n") and the connection closes. `selectors` records what was asked."""
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self.selectors: list[str] = []
+        super().__init__()
+
+    def handle(self, c: socket.socket, n: int) -> None:
+        buf = b""
+        while b"\r\n" not in buf:
+            chunk = c.recv(4096)
+            if not chunk:
+                return
+            buf += chunk
+        self.selectors.append(buf.split(b"\r\n", 1)[0].decode("latin-1"))
+        c.sendall(self.text + b".\r\n")
+
+
+class AnonymousFtp:
+    """pyftpdlib serving `root` to anonymous users, on its own thread."""
+
+    def __init__(self, root: str) -> None:
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.servers import ThreadedFTPServer
+
+        authorizer = DummyAuthorizer()
+        authorizer.add_anonymous(root)
+        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
+        self.server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"handle_exit": False}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.close_all()

@@ -6,13 +6,15 @@ under never_direct."""
 from __future__ import annotations
 
 import base64
+import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.parent_support import EchoServer, FakeParent, connect_through
+from tests.parent_support import AnonymousFtp, EchoServer, FakeParent, GopherServer, connect_through
 from tests.support import (
     Origin,
     ProxyProcess,
@@ -197,6 +199,28 @@ def test_with_every_parent_down_it_goes_direct_or_answers_502_under_never_direct
     finally:
         direct_ok.stop()
         never.stop()
+
+
+def test_ftp_and_gopher_go_through_a_webproxy_parent_and_hit_at_the_child(tmp_path: Path, child_a, parent_b):
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "notes.txt").write_bytes(b"ftp notes\n")
+    month_ago = time.time() - 30 * 86400  # an old file: B gives it days of heuristic freshness
+    os.utime(tmp_path / "pub" / "notes.txt", (month_ago, month_ago))
+    ftpd, gopherd = AnonymousFtp(str(tmp_path)), GopherServer(b"a gopher text\r\n")
+    try:
+        for url, host, body in [(f"ftp://127.0.0.1:{ftpd.port}/pub/notes.txt", f"127.0.0.1:{ftpd.port}", b"ftp notes\n"),
+                                (f"gopher://127.0.0.1:{gopherd.port}/0/about", f"127.0.0.1:{gopherd.port}",
+                                 b"a gopher text\r\n")]:
+            assert raw_get(child_a, url, host) == (200, body)
+            assert raw_get(child_a, url, host) == (200, body)
+            at_b = lines_for(parent_b, url, 1)
+            assert len(at_b) == 1 and " HIER_DIRECT/127.0.0.1 " in at_b[0]  # B fetched it, once
+            at_a = lines_for(child_a, url, 2)
+            assert " DEFAULT_PARENT/127.0.0.1 " in at_a[0] and "HIT/200 " in at_a[1]
+        assert gopherd.selectors == ["/about"]
+    finally:
+        ftpd.close()
+        gopherd.close()
 
 
 # ---- what a parent receives (raw-socket parent) --------------------------------------------------------
