@@ -138,7 +138,8 @@ class ParentPath:
             except DialError as e:
                 raise UpstreamError(e.status, f"cannot connect to parent proxy: {e}", "ERR_CONNECT_FAIL") from None
             except TunnelRefused as e:
-                raise UpstreamError(502, f"parent proxy {p.name} refused CONNECT {host}:{port}: {e}",
+                hint = "; check username/password in [[upstream.parent]]" if e.status == 407 else ""
+                raise UpstreamError(502, f"parent proxy {p.name} refused CONNECT {host}:{port}: {e}{hint}",
                                     "ERR_CANNOT_FORWARD") from None
 
         async def direct() -> None:

@@ -80,7 +80,8 @@ class Upstream:
             label = f"{target.host}:{target.port}"
             path = target.path
         else:
-            key, label, path = (*parent, "parent"), f"parent proxy {parent[0]}:{parent[1]}", target.origin_url
+            host = f"[{parent[0]}]" if ":" in parent[0] else parent[0]
+            key, label, path = (*parent, "parent"), f"parent proxy {host}:{parent[1]}", target.origin_url
         chunked = body is not None and not any(k.lower() == "content-length" for k, _ in headers)
         head = serialize_request(method, path, headers, chunked)
         conn = await self._acquire(key, label, fresh=False)
