@@ -104,7 +104,9 @@ class ParentPath:
 
         resp, parent = await self.follow(target.host, plan, direct, via,  # type: ignore[arg-type]
                                          retry_unanswered=method in IDEMPOTENT and body is None)
-        return resp, (logcodes.hier_parent(plan.code, parent.host) if parent is not None else None)
+        if parent is not None:  # on the response too: a background refresh logs it from there
+            resp.hierarchy = logcodes.hier_parent(plan.code, parent.host)
+        return resp, resp.hierarchy
 
     async def request(self, parent: Parent, method: str, target: Target, headers: Headers,
                       body: AsyncIterator[bytes] | None = None,
