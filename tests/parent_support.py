@@ -1,12 +1,22 @@
-"""Stand-ins for the far side of a parent-proxy chain: a raw-socket parent proxy that records every
-request head exactly as it arrives (request line, fields, which connection), and a TCP echo server
-to tunnel to."""
+"""The far side of a parent-proxy chain: a raw-socket parent proxy that records every request head
+exactly as it arrives (request line, fields, which connection), a real Squid parent with proxy
+authentication, and origins to reach through them (TCP echo, gopher, anonymous FTP)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 import threading
+import time
+from pathlib import Path
 from typing import Any
+
+from tests.support import free_port
 
 
 class ThreadedServer:
@@ -174,3 +184,88 @@ class AnonymousFtp:
 
     def close(self) -> None:
         self.server.close_all()
+
+
+SQUID = "/usr/sbin/squid"
+SQUID_BASIC_AUTH = "/usr/lib/squid/basic_ncsa_auth"
+
+
+def squid_skip_reason() -> str | None:
+    if not os.path.exists(SQUID) or not os.path.exists(SQUID_BASIC_AUTH) or not shutil.which("openssl"):
+        return "needs Squid with basic_ncsa_auth and openssl (tests/run.sh installs squid-openssl)"
+    if os.geteuid() != 0:
+        return "Squid is started as root (it drops to the proxy user)"
+    return None
+
+
+class SquidParent:
+    """A real Squid as the parent proxy: no cache, Basic proxy authentication for `user`:`password`
+    (basic_ncsa_auth), CONNECT allowed to `connect_ports` only, its access log in `access_log`.
+    Its directory is outside pytest's private tmp: Squid works as the proxy user."""
+
+    def __init__(self, user: str, password: str, connect_ports: list[int]) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="webproxy-squid-parent-"))
+        self.dir.chmod(0o755)
+        self.port = free_port()
+        self.access_log = self.dir / "access.log"
+        digest = subprocess.run(["openssl", "passwd", "-apr1", password], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        (self.dir / "passwd").write_text(f"{user}:{digest}\n")
+        ports = " ".join(str(p) for p in connect_ports)
+        (self.dir / "squid.conf").write_text(f"""
+http_port 127.0.0.1:{self.port}
+visible_hostname squid-parent
+cache_effective_user proxy
+pid_filename {self.dir}/squid.pid
+cache_log {self.dir}/cache.log
+access_log stdio:{self.access_log} squid
+cache_store_log none
+coredump_dir {self.dir}
+icp_port 0
+htcp_port 0
+pinger_enable off
+shutdown_lifetime 0 seconds
+dns_nameservers 127.0.0.1
+cache deny all
+cache_mem 0 MB
+auth_param basic program {SQUID_BASIC_AUTH} {self.dir}/passwd
+auth_param basic children 1
+auth_param basic realm parent-test
+acl CONNECT method CONNECT
+acl tunnel_ports port {ports}
+acl authed proxy_auth REQUIRED
+http_access deny CONNECT !tunnel_ports
+http_access allow authed
+http_access deny all
+""")
+        for p in [self.dir, *self.dir.iterdir()]:
+            shutil.chown(p, "proxy", "proxy")
+        self.proc = subprocess.Popen([SQUID, "-N", "-n", f"wptest{os.getpid()}", "-f", str(self.dir / "squid.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = (self.dir / "cache.log").read_text(errors="replace") if (self.dir / "cache.log").exists() else ""
+                raise RuntimeError(f"squid exited {self.proc.returncode}: {log[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.1)
+        self.close()
+        raise RuntimeError("squid did not start listening within 20 s")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.parent_support import AnonymousFtp, EchoServer, FakeParent, GopherServer, connect_through
+from tests.parent_support import (
+    AnonymousFtp,
+    EchoServer,
+    FakeParent,
+    GopherServer,
+    SquidParent,
+    connect_through,
+    squid_skip_reason,
+)
 from tests.support import (
     Origin,
     ProxyProcess,
@@ -221,6 +229,43 @@ def test_ftp_and_gopher_go_through_a_webproxy_parent_and_hit_at_the_child(tmp_pa
     finally:
         ftpd.close()
         gopherd.close()
+
+
+# ---- a real Squid parent with proxy authentication ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def squid_parent(echo: EchoServer) -> Iterator[SquidParent]:
+    why = squid_skip_reason()
+    if why:
+        pytest.skip(why)
+    s = SquidParent("branch7", "pa ss:word", [echo.port])
+    yield s
+    s.close()
+
+
+def test_a_squid_parent_accepts_our_credentials_for_misses_and_connect(tmp_path: Path, origin: Origin, echo,
+                                                                       squid_parent: SquidParent):
+    good = parent_entry(squid_parent.port, username="branch7", password="pa ss:word")
+    bad = parent_entry(squid_parent.port, username="branch7", password="wrong", domains=["badcreds.test"])
+    child = ProxyProcess(tmp_path, {"server": {"name": "child-s"}, "refresh": {"enabled": False},
+                                    "access": {"connect_ports": [echo.port]},
+                                    "upstream": {"parent": [bad, good], "never_direct": True}}).start()
+    try:
+        url = origin.put("chain-squid", b"from behind squid", Cache_Control="max-age=300")
+        assert proxy_get(child, url)[2] == b"from behind squid"
+        assert proxy_get(child, url)[2] == b"from behind squid"  # a hit: Squid sees it once
+        assert wait_until(lambda: any(f" {url} branch7 " in line for line in squid_parent.log_lines()), 5)
+        assert len([line for line in squid_parent.log_lines() if f" {url} " in line]) == 1
+        assert origin.hits["/obj/chain-squid"] == 1
+        head, data = connect_through(child.port, f"127.0.0.1:{echo.port}", b"through squid")
+        assert head.startswith(b"HTTP/1.1 200") and data.endswith(b"through squid")
+        # Squid answers wrong credentials with 407: the client gets a 502 naming the parent.
+        status, _, body = proxy_get(child, "http://www.badcreds.test/")
+        assert status == 502 and f"parent proxy {squid_parent.address} rejected our credentials".encode() in body
+        head, body = connect_through(child.port, f"www.badcreds.test:{echo.port}", b"x")
+        assert head.startswith(b"HTTP/1.1 502") and b"407" in body and b"username/password" in body
+    finally:
+        child.stop()
 
 
 # ---- what a parent receives (raw-socket parent) --------------------------------------------------------
