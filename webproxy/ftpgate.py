@@ -24,7 +24,7 @@ from webproxy.ftp import FtpResponse, FtpTransferError, fetch
 from webproxy.ftppool import FtpPool
 from webproxy.httpmsg import Headers, Target, get_header
 from webproxy.origin import Opener, OriginResponse
-from webproxy.parentpath import ParentPath, forwarded_fields
+from webproxy.parentpath import ParentPath
 
 
 class FtpOriginResponse(OriginResponse):
@@ -71,16 +71,10 @@ class FtpGate:
         return int(cfg.ftp["default_ttl"])
 
     async def open(self, url: str, ex: Exchange | None, target: Target, method: str, headers: Headers) -> OriginResponse:
-        plan = self.parents.plan(target.host)
-        if plan.direct_only:
-            resp, hierarchy = await self.direct(url, target, method, headers), None
-        else:
-            # To an HTTP parent as an absolute URI (credentials in it, as the client wrote them);
-            # its answer is an HTTP response and is cached by HTTP's rules.
-            named = replace(target, authority=f"{target.userinfo}@{target.authority}") if target.userinfo else target
-            resp, hierarchy = await self.parents.fetch(
-                plan, method, named, forwarded_fields(headers, target, self.answers.via("1.1")),
-                lambda: self.direct(url, target, method, headers))
+        # Through a parent, the URI carries the credentials as the client wrote them.
+        named = replace(target, authority=f"{target.userinfo}@{target.authority}") if target.userinfo else target
+        resp, hierarchy = await self.parents.gateway(target, method, headers, self.answers.via("1.1"),
+                                                     lambda: self.direct(url, target, method, headers), named)
         if ex is not None:
             ex.hierarchy = hierarchy or logcodes.hier_direct(target.host)
         return resp

@@ -15,7 +15,7 @@ from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.gopher import fetch
 from webproxy.httpmsg import Headers, Target
 from webproxy.origin import Opener, OriginResponse
-from webproxy.parentpath import ParentPath, forwarded_fields
+from webproxy.parentpath import ParentPath
 
 
 class GopherGate:
@@ -27,13 +27,9 @@ class GopherGate:
         self.cache: CacheHandler | None = None  # set when the cache is on
 
     async def open(self, ex: Exchange | None, target: Target, method: str, headers: Headers) -> OriginResponse:
-        plan = self.parents.plan(target.host)
-        if plan.direct_only:
-            resp, hierarchy = await self.direct(target, method), None
-        else:  # to an HTTP parent as an absolute URI; `headers` only matter there (validators)
-            resp, hierarchy = await self.parents.fetch(
-                plan, method, target, forwarded_fields(headers, target, self.answers.via("1.1")),
-                lambda: self.direct(target, method))
+        # `headers` (validators) only matter through a parent: a gopher server takes a selector.
+        resp, hierarchy = await self.parents.gateway(target, method, headers, self.answers.via("1.1"),
+                                                     lambda: self.direct(target, method))
         if ex is not None:
             ex.hierarchy = hierarchy or logcodes.hier_direct(target.host)
         return resp

@@ -108,6 +108,16 @@ class ParentPath:
             resp.hierarchy = logcodes.hier_parent(plan.code, parent.host)
         return resp, resp.hierarchy
 
+    async def gateway(self, target: Target, method: str, headers: Headers, via: tuple[str, str],
+                      direct: Callable[[], Awaitable[R]], named: Target | None = None) -> tuple[OriginResponse, str | None]:
+        """An ftp:// or gopher:// fetch: `direct()` when the plan says so, else to an HTTP parent
+        as the absolute URI of `named` (default `target`) with `headers` forwarded and our `via`;
+        the parent's answer is an HTTP response, relayed and cached by HTTP's rules."""
+        plan = self.plan(target.host)
+        if plan.direct_only:
+            return await direct(), None
+        return await self.fetch(plan, method, named or target, forwarded_fields(headers, target, via), direct)
+
     async def request(self, parent: Parent, method: str, target: Target, headers: Headers,
                       body: AsyncIterator[bytes] | None = None,
                       informational: Informational | None = None) -> HttpOriginResponse:
