@@ -285,12 +285,14 @@ http {{
 
     # --- proxies ------------------------------------------------------------------------
 
-    def start_squid(self, origin: Origin, cache: bool, extra_conf: str = "") -> Peer:
+    def start_squid(self, origin: Origin, cache: bool, extra_conf: str = "", name: str | None = None) -> Peer:
         """Squid with `cache deny all` (cache=False) or a memory + ufs disk cache (cache=True).
 
-        `extra_conf` is appended to squid.conf (later directives override earlier ones).
+        `extra_conf` is appended to squid.conf (later directives override earlier ones). `name`:
+        the peer's name when more than one Squid of a kind runs at once (a parent chain).
         """
-        name = "squid-cache" if cache else "squid"
+        default = "squid-cache" if cache else "squid"
+        name = name or default
         d = self.dir / name
         d.mkdir(exist_ok=True)
         port = free_port()
@@ -334,7 +336,7 @@ access_log none
             os.chown(p, uid.pw_uid, uid.pw_gid)
         # A per-run service name keeps our shared-memory segments and sockets apart from any
         # other Squid on the machine.
-        service = f"bench{os.getpid()}{'c' if cache else 'p'}"
+        service = f"bench{os.getpid()}{'c' if cache else 'p'}" + ("" if name == default else name.replace("-", ""))
         argv = ["squid", "-N", "-n", service, "-f", str(conf)]
         if cache:
             z = subprocess.run([*argv, "-z"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)

@@ -17,7 +17,7 @@ from typing import Any
 
 from tunnel.netaddr import is_local_address
 from webproxy import config as config_mod
-from webproxy import logcodes, logfiles, metrics, service
+from webproxy import logcodes, logfiles, metrics, parents, service
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
 from webproxy.caching import CacheLayer
@@ -65,13 +65,14 @@ class ProxyServer:
         self.upstream = Upstream(cfg.upstream, self.resolver, head_limit=cfg.server["max_header_size"])
         self.answers = Answers(self)
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
-        self.ftp = FtpGate(self, self.answers, self.resolver)
-        self.gopher = GopherGate(self, self.answers, self.resolve)
+        self.ftp = FtpGate(self, self.answers, self.resolver, self.forwarder.parents)
+        self.gopher = GopherGate(self, self.answers, self.resolve, self.forwarder.parents)
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
         self.router = Router(self, self.answers, self.forwarder,
-                             ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp, self.gopher,
+                             ConnectHandler(self, self.answers, self.resolve, self.release, self.forwarder.parents),
+                             self.ftp, self.gopher,
                              TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
@@ -268,6 +269,7 @@ class ProxyServer:
             return
         try:
             new = config_mod.load(self.cfg.path)
+            parents.check(new.upstream, self.listen_addrs, self.is_local_address)
             # Both logs are opened before anything changes: a path that cannot be opened keeps the
             # running config whole, old log files included.
             access_file = logfiles.open_log("access_log", new.log["access_log"])
@@ -373,6 +375,7 @@ def prepare(cfg: config_mod.Config) -> service.Identity | None:
     """Everything that can be wrong before binding, each as one line (StartupError)."""
     try:
         logfiles.check(cfg)
+        parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
         ident = service.identity(cfg)
     except config_mod.ConfigError as e:
         raise StartupError(str(e)) from None
