@@ -8,14 +8,13 @@ import http.client
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, terminate
 
 SHIPPED = ROOT / "conf" / "haproxy-fleet.cfg"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
@@ -112,14 +111,8 @@ class HAProxy:
         return out
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 def fleet_request(port: int, url: str, method: str = "GET", source: str = CLIENT_IP) -> tuple[int, dict[str, str], bytes]:
