@@ -24,7 +24,15 @@ from tests.intercept_support import TlsOrigin, connect_tunnel, http_get, peer_is
 from tests.support import ProxyProcess, curl, run_webproxy, tiny_wheel, wait_until, write_config
 from tunnel.clienthello import parse_client_hello
 from webproxy.httpmsg import BadTarget
-from webproxy.tlspolicy import cert_name, handshake_rejected, inner_url, intercepted, leaf_fresh
+from webproxy.parents import DIRECT, Plan
+from webproxy.tlspolicy import (
+    cert_name,
+    handshake_rejected,
+    inner_url,
+    intercepted,
+    intercepted_plan,
+    leaf_fresh,
+)
 
 
 # ---- pure rules ---------------------------------------------------------------------------------
@@ -326,3 +334,10 @@ def test_the_proxy_refuses_to_intercept_without_a_ca(tmp_path):
     r = run_webproxy("run", "-c", str(cfg))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "webproxy ca init" in r.stderr
+
+
+def test_an_intercepted_request_goes_direct_when_the_parent_plan_allows_it_else_is_refused():
+    parent = object()
+    assert intercepted_plan(Plan((parent, DIRECT), "FIRSTUP_PARENT")).direct_only  # type: ignore[arg-type]
+    refused = intercepted_plan(Plan((parent,), "FIRSTUP_PARENT"))  # type: ignore[arg-type]
+    assert refused.hops == () and "never_direct" in refused.reason

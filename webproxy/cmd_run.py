@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from webproxy import config, logfiles, server, service
+from tunnel.netaddr import is_local_address
+from webproxy import config, logfiles, parents, server, service
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         # What starting would find wrong before binding: log paths, server.user, the pid file's directory.
         logfiles.check(cfg)
+        parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
         service.identity(cfg)
         if cfg.server["pid_file"]:
             service.check_pid_file(cfg.server["pid_file"])

@@ -16,11 +16,13 @@ from tunnel.relay import relay
 from webproxy import logcodes
 from webproxy.acl import domain_denied
 from webproxy.context import Env
+from webproxy.errors import UpstreamError
 from webproxy.exchange import Answers, Exchange
 from webproxy.frontend import ClientConnection, Inherited, Request, ResponseWriter
 from webproxy.httpmsg import BadTarget, has_via_loop, parse_authority
 from webproxy.intercept import Interceptor
 from webproxy.metrics import TALLY
+from webproxy.parentpath import ParentPath
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 DIAL_FAILURE = {"dns": "cannot resolve {host}: {e}", "timeout": "timed out connecting to {e}"}
@@ -28,8 +30,10 @@ DIAL_FAILURE = {"dns": "cannot resolve {host}: {e}", "timeout": "timed out conne
 
 class ConnectHandler:
     def __init__(self, env: Env, answers: Answers, resolve: Resolver,
-                 release: Callable[[ClientConnection], None], intercept: Interceptor | None = None) -> None:
+                 release: Callable[[ClientConnection], None], parents: ParentPath,
+                 intercept: Interceptor | None = None) -> None:
         self.env = env
+        self.parents = parents
         self.answers = answers
         self.resolve = resolve
         self.release = release  # the tunnel holds the client's admission slot until it ends
@@ -56,25 +60,36 @@ class ConnectHandler:
         ex.code = logcodes.TUNNEL
         if self.intercept is not None and self.intercept.wants(host):
             return await self._intercepted(conn, rw, ex, host, port)
+        try:  # through a parent proxy's CONNECT when the parent plan says so (webproxy.parents)
+            through = await self.parents.tunnel(host, port, [self.answers.via(req.version)])
+        except UpstreamError as e:
+            self.env.upstream_failure(req.method, req.target, e.status, e.message)
+            return answers.error(rw, ex, e.status, e.message, close=True)
+        if through is not None:
+            upstream, from_parent, ex.hierarchy = through
+        else:
+            from_parent = b""
+            try:
+                upstream = await open_upstream(host, port, timeout=cfg.upstream["connect_timeout"],
+                                               resolve=self.resolve)
+            except DialError as e:  # e.status: 504 for a timeout, else 502
+                return answers.error(rw, ex, e.status, DIAL_FAILURE.get(e.kind, "cannot connect to {e}").format(
+                    host=host, e=e), close=True)
+            peer = upstream.getpeername()
+            # Checked on the address actually reached, so no spelling of the proxy's own address
+            # ([::ffff:127.0.0.1], 0.0.0.0, [::], a name) tunnels a client back into the proxy.
+            if self.env.is_self(peer[0], peer[1]):
+                upstream.close()
+                return answers.deny(rw, ex, 508, f"forwarding loop detected: CONNECT to {host}:{port} is this proxy",
+                                    close=True)
+            if self.env.destination_refused(conn.client_ip, peer[0]):
+                upstream.close()
+                return answers.deny(rw, ex, 403, f"access denied: {host} is an address of the proxy host "
+                                    "(see access.deny_destinations)", close=True)
+            ex.hierarchy = logcodes.hier_direct(peer[0])
         try:
-            upstream = await open_upstream(host, port, timeout=cfg.upstream["connect_timeout"], resolve=self.resolve)
-        except DialError as e:  # e.status: 504 for a timeout, else 502
-            return answers.error(rw, ex, e.status, DIAL_FAILURE.get(e.kind, "cannot connect to {e}").format(
-                host=host, e=e), close=True)
-        peer = upstream.getpeername()
-        # Checked on the address actually reached, so no spelling of the proxy's own address
-        # ([::ffff:127.0.0.1], 0.0.0.0, [::], a name) tunnels a client back into the proxy.
-        if self.env.is_self(peer[0], peer[1]):
-            upstream.close()
-            return answers.deny(rw, ex, 508, f"forwarding loop detected: CONNECT to {host}:{port} is this proxy",
-                                close=True)
-        if self.env.destination_refused(conn.client_ip, peer[0]):
-            upstream.close()
-            return answers.deny(rw, ex, 403, f"access denied: {host} is an address of the proxy host "
-                                "(see access.deny_destinations)", close=True)
-        ex.hierarchy = logcodes.hier_direct(peer[0])
-        try:
-            client = await self._established(conn, rw, ex)
+            # what the origin said first (a banner) comes on after the 200
+            client = await self._established(conn, rw, ex, from_parent)
         except Exception:
             upstream.close()
             raise
@@ -89,12 +104,13 @@ class ConnectHandler:
         return False
 
     @staticmethod
-    async def _established(conn: ClientConnection, rw: ResponseWriter, ex: Exchange) -> socket.socket:
-        """Answer 200 and take the client's socket over from the front end."""
+    async def _established(conn: ClientConnection, rw: ResponseWriter, ex: Exchange,
+                           first: bytes = b"") -> socket.socket:
+        """Answer 200 (then `first`) and take the client's socket over from the front end."""
         ex.status = 200
-        conn.write(ESTABLISHED)
+        conn.write(ESTABLISHED + first)
         client = await conn.detach()
-        rw.nbytes = len(ESTABLISHED)
+        rw.nbytes = len(ESTABLISHED) + len(first)
         return client
 
     async def _intercepted(self, conn: ClientConnection, rw: ResponseWriter, ex: Exchange, host: str,

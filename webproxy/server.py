@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunnel.netaddr import is_local_address
-from webproxy import certs, logcodes, logfiles, metrics, service
+from webproxy import certs, logcodes, logfiles, metrics, parents, service
 from webproxy import config as config_mod
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
@@ -73,14 +73,15 @@ class ProxyServer:
                                  tls=origin_tls)
         self.answers = Answers(self)
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
-        self.ftp = FtpGate(self, self.answers, self.resolver)
-        self.gopher = GopherGate(self, self.answers, self.resolve)
+        self.ftp = FtpGate(self, self.answers, self.resolver, self.forwarder.parents)
+        self.gopher = GopherGate(self, self.answers, self.resolve, self.forwarder.parents)
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
         self.interceptor = Interceptor(self, self, self.authority)
         self.router = Router(self, self.answers, self.forwarder,
-                             ConnectHandler(self, self.answers, self.resolve, self.release, self.interceptor),
+                             ConnectHandler(self, self.answers, self.resolve, self.release, self.forwarder.parents,
+                                            self.interceptor),
                              self.ftp, self.gopher,
                              TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
         self.servers: list[asyncio.AbstractServer] = []
@@ -278,6 +279,7 @@ class ProxyServer:
             return
         try:
             new = config_mod.load(self.cfg.path)
+            parents.check(new.upstream, self.listen_addrs, self.is_local_address)
             # Both logs are opened before anything changes: a path that cannot be opened keeps the
             # running config whole, old log files included.
             access_file = logfiles.open_log("access_log", new.log["access_log"])
@@ -386,6 +388,7 @@ def prepare(cfg: config_mod.Config) -> service.Identity | None:
     """Everything that can be wrong before binding, each as one line (StartupError)."""
     try:
         logfiles.check(cfg)
+        parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
         ident = service.identity(cfg)
     except config_mod.ConfigError as e:
         raise StartupError(str(e)) from None

@@ -39,8 +39,10 @@ from webproxy.tlspolicy import verify_reason
 
 __all__ = ["Informational", "Upstream", "UpstreamResponse"]
 
-# (host, port) to dial, plus the TLS server name for https:// origins.
+# (host, port) to dial; a third member: "parent" (a parent proxy's connections) or TLS_TAG + the
+# server name an https:// origin is verified for.
 PoolKey = tuple[str, int] | tuple[str, int, str]
+TLS_TAG = "tls "
 
 # RFC 9110 9.2.2: a request that may be sent twice without a different effect.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -76,17 +78,24 @@ class Upstream:
 
     async def request(self, method: str, target: Target, headers: Headers,
                       body: AsyncIterator[bytes] | None = None,
-                      informational: Informational | None = None) -> UpstreamResponse:
+                      informational: Informational | None = None,
+                      parent: tuple[str, int] | None = None) -> UpstreamResponse:
         """Send the request to `target` (its `connect` address when set, else host and port) and
         return once the final response head is in. `headers` go out exactly as given; `body`
         is streamed (chunked unless the headers carry Content-Length). Interim 1xx responses go
-        to `informational` as they arrive. Raises UpstreamError."""
-        key = _dial(target)
-        if target.scheme == "https":
-            key = (*key, target.host)  # a TLS connection, verified for this name: its own pool
-        label = f"{target.host}:{target.port}"
+        to `informational` as they arrive. `parent`: send it to that proxy instead, in absolute
+        form (RFC 9112 3.2.2), over the parent's own pooled connections. Raises UpstreamError."""
+        if parent is None:
+            key: PoolKey = _dial(target)
+            if target.scheme == "https":
+                key = (*key, TLS_TAG + target.host)  # a TLS connection, verified for this name: its own pool
+            label = f"{target.host}:{target.port}"
+            path = target.path
+        else:
+            host = f"[{parent[0]}]" if ":" in parent[0] else parent[0]
+            key, label, path = (*parent, "parent"), f"parent proxy {host}:{parent[1]}", target.origin_url
         chunked = body is not None and not any(k.lower() == "content-length" for k, _ in headers)
-        head = serialize_request(method, target.path, headers, chunked)
+        head = serialize_request(method, path, headers, chunked)
         conn = await self._acquire(key, label, fresh=False)
         try:
             return await conn.exchange(method, head, body, chunked, informational)
@@ -148,12 +157,12 @@ class Upstream:
                     self._waiters.remove(fut)
 
     async def _open(self, key: PoolKey, label: str) -> OriginConnection:
-        host, port = key[0], key[1]
+        host, port = key[0], key[1]  # a parent's key is (host, port, "parent"); TLS: (host, port, "tls NAME")
         tls: dict[str, Any] = {}
-        if len(key) > 2:
+        if len(key) > 2 and key[2].startswith(TLS_TAG):
             if self.tls is None:
                 self.tls = ssl.create_default_context()
-            tls = {"ssl": self.tls, "server_hostname": key[2]}
+            tls = {"ssl": self.tls, "server_hostname": key[2][len(TLS_TAG):]}
         loop = self.loop
         timeout = self.cfg["connect_timeout"] or None
         last: OSError | None = None
