@@ -3,6 +3,7 @@ that speaks CONNECT then TLS on a raw socket, and the certificate a client is sh
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from typing import Any
@@ -67,4 +68,46 @@ def http_get(sock: socket.socket, path: str, host: str) -> bytes:
     out = b""
     while chunk := sock.recv(65536):
         out += chunk
+    return out
+
+
+def eager_tls_get(proxy_port: int, host: str, port: int, cafile: str, path: str, timeout: float = 10) -> bytes:
+    """CONNECT with the ClientHello in the same write (no waiting for the 200, as some clients do),
+    then one GET over the TLS session (Connection: close); the decrypted response."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode() + outgoing.read())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    incoming.write(rest)
+    out = b""
+    sent = False
+    while True:
+        try:
+            if not sent:
+                tls.do_handshake()
+                tls.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+                sent = True
+            data = tls.read(65536)
+            if not data:
+                break  # close_notify
+            out += data
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            break
+        s.sendall(outgoing.read())
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        incoming.write(chunk)
+    s.close()
     return out

@@ -20,7 +20,14 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.intercept_support import TlsOrigin, connect_tunnel, http_get, peer_issuer, tls_through
+from tests.intercept_support import (
+    TlsOrigin,
+    connect_tunnel,
+    eager_tls_get,
+    http_get,
+    peer_issuer,
+    tls_through,
+)
 from tests.support import ProxyProcess, curl, run_webproxy, tiny_wheel, wait_until, write_config
 from tunnel.clienthello import parse_client_hello
 from webproxy.httpmsg import BadTarget
@@ -287,6 +294,12 @@ def test_pipelined_requests_inside_the_tunnel_are_answered_in_order(world):
             out += chunk
     assert out.count(b"HTTP/1.1 200") == 2
     assert out.index(b"hello one") < out.index(b"hello two")
+
+
+def test_a_client_hello_sent_with_the_connect_is_not_lost(world):
+    # Bytes after the CONNECT head that the front end already read are fed to the TLS side first.
+    out = eager_tls_get(world.proxy.port, "localhost", world.good.port, world.ca_file, "/text/eager")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"hello eager\n")
 
 
 def test_a_host_header_naming_another_host_inside_the_tunnel_is_a_400(world):
