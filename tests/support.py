@@ -5,8 +5,10 @@ h11 (an independent, strict HTTP parser)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import io
 import os
 import select
 import signal
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -531,3 +534,24 @@ class MethodEchoOrigin:
 
     def stop(self) -> None:
         self.sock.close()
+
+
+def tiny_wheel() -> tuple[str, bytes]:
+    """A minimal valid wheel, built in memory (no build backend, no network)."""
+    name = "webproxy_probe-1.0-py3-none-any.whl"
+    files = {
+        "webproxy_probe/__init__.py": b"VALUE = 42\n",
+        "webproxy_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: webproxy-probe\nVersion: 1.0\n",
+        "webproxy_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append("webproxy_probe-1.0.dist-info/RECORD,,")
+    files["webproxy_probe-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return name, buf.getvalue()

@@ -7,6 +7,9 @@ the log and the cache apply, and a request that is not one after all gets its 40
 anything else, including a server-speaks-first protocol that sends nothing within the sniff
 timeout, is relayed raw to the original destination, once the caller's `admit` lets it: a raw relay
 passes the same client check and counts against the same connection limits as HTTP.
+
+A TLS ClientHello is read whole when the caller intercepts TLS (`on_tls`): if `wants_tls(sni, dst)`
+says so, the connection (admitted like a raw relay) goes to `on_tls` instead of being relayed.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import inspect
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from tunnel.clienthello import parse_client_hello
 from tunnel.connect import DialError, DialRefused, Resolver, open_upstream
 from tunnel.forwarder import fmt_addr, log_line
 from tunnel.listeners import ListenerSet
@@ -35,6 +39,10 @@ OnHttp = Callable[[socket.socket, bytes, tuple[str, int], Any], Any]
 # it is refused (for the log line); release(client_ip) gives the slot back when the relay ends.
 Admit = Callable[[str], str | None]
 Release = Callable[[str], None]
+# wants_tls(sni, orig_dst): whether a TLS connection is intercepted; on_tls(sock, initial, orig_dst,
+# client_addr, sni) then owns `sock` (a coroutine function).
+WantsTls = Callable[[str | None, tuple[str, int]], bool]
+OnTls = Callable[[socket.socket, bytes, tuple[str, int], Any, str | None], Awaitable[None]]
 
 _METHOD_MAX = 24
 _SCHEME_MAX = 32
@@ -124,7 +132,8 @@ class TransparentListener:
                  own_listeners: Sequence[tuple[str, int]] = (), resolve: Resolver | None = None,
                  log: Callable[[str], None] | None = None, engine: str | None = None,
                  admit: Admit | None = None, release: Release | None = None,
-                 half_close_timeout: float | None = None) -> None:
+                 half_close_timeout: float | None = None, wants_tls: WantsTls | None = None,
+                 on_tls: OnTls | None = None) -> None:
         if mode not in ("redirect", "tproxy"):
             raise ValueError("transparent mode must be 'redirect' or 'tproxy'")
         self.listen = list(listen)
@@ -142,6 +151,8 @@ class TransparentListener:
         self.admit = admit
         self.release = release
         self.half_close_timeout = half_close_timeout
+        self.wants_tls = wants_tls
+        self.on_tls = on_tls
         self.listeners = ListenerSet(self._on_accept)
 
     def start(self) -> None:
@@ -179,7 +190,9 @@ class TransparentListener:
                 return data, True
             data += chunk
             if looks_like_http(data) is not None:
-                break
+                hello = parse_client_hello(data) if self.on_tls is not None else None
+                if hello is None or not hello.tls or hello.complete:
+                    break  # (a ClientHello is read whole when TLS may be intercepted)
         return data, False
 
     async def _handle(self, sock: socket.socket, addr: Any) -> None:
@@ -213,6 +226,11 @@ class TransparentListener:
                 return
             handed, sock = sock, None
             try:
+                hello = parse_client_hello(initial)
+                if (self.on_tls is not None and self.wants_tls is not None and hello.complete
+                        and self.wants_tls(hello.sni, dst)):
+                    await self.on_tls(handed, initial, dst, addr, hello.sni)
+                    return
                 await self._relay(handed, addr, dst, initial)
             finally:
                 if self.release is not None:

@@ -476,7 +476,10 @@ async def send_file(rw: ResponseWriter, fd: int, start: int, count: int) -> None
     flow control waits for it and memory stays at one chunk plus the write buffer."""
     conn = rw.conn
     rw.flush_head()
-    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    t = conn.transport
+    # Over TLS (an intercepted tunnel) the bytes must go through the transport to be encrypted:
+    # sendfile on the socket underneath would put plaintext into the TLS stream.
+    sock = t.get_extra_info("socket") if t is not None and t.get_extra_info("sslcontext") is None else None
     out_fd = sock.fileno() if sock is not None and count >= SENDFILE_MIN else -1
     sent = 0
     while sent < count:

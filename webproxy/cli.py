@@ -19,6 +19,7 @@ COMMANDS = {
     "tunnel": ("webproxy.cmd_tunnel", "forward a TCP port to one or more upstreams"),
     "purge": ("webproxy.cmd_cache", "remove URLs from the cache"),
     "cache": ("webproxy.cmd_cache", "cache administration (stats)"),
+    "ca": ("webproxy.cmd_ca", "the local CA for TLS interception (init, show)"),
 }
 
 

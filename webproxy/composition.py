@@ -17,12 +17,14 @@ from webproxy.caching import CacheLayer
 from webproxy.config import Config
 from webproxy.context import Env
 from webproxy.exchange import Answers
-from webproxy.frontend import ClientConnection, ConnectionHost
+from webproxy.frontend import ClientConnection, ConnectionHost, Inherited
+from webproxy.intercept import Interceptor
 from webproxy.refresher import Refresher, RefreshHost
 from webproxy.refresher import attach as attach_refresher
 from webproxy.service import Identity, acting_as
 from webproxy.socksgate import serve as serve_socks
 from webproxy.startup import StartupError, listen_error
+from webproxy.tlspolicy import HTTPS_PORT
 
 
 class Composable(Env, RefreshHost, ConnectionHost, Protocol):
@@ -35,6 +37,7 @@ class Composable(Env, RefreshHost, ConnectionHost, Protocol):
     counter: ConnectionCounter
     resolve: Resolver
     listen_addrs: list[tuple[str, int]]
+    interceptor: Interceptor
     closers: list[Callable[[], Awaitable[None]]]
 
     def attach_cache(self, layer: CacheLayer, refresher: Refresher | None) -> None: ...
@@ -67,6 +70,26 @@ def on_http_factory(proxy: ConnectionHost) -> Any:
     return on_http
 
 
+def wants_tls(interceptor: Interceptor, sni: str | None, dst: tuple[str, int]) -> bool:
+    """A redirected TLS connection is intercepted when it goes to port 443 and its ClientHello
+    names a domain in tls.intercept; any other is relayed raw, as before."""
+    return dst[1] == HTTPS_PORT and sni is not None and interceptor.wants(sni)
+
+
+def on_tls_factory(proxy: Composable) -> Any:
+    """The callback tunnel.transparent calls with an admitted connection to intercept: served
+    like a CONNECT to the SNI name, fetched from the original destination (verified for that name)."""
+
+    async def on_tls(sock: socket.socket, initial: bytes, orig_dst: tuple[str, int], client_addr: Any,
+                     sni: str | None) -> None:
+        ip, port = orig_dst
+        assert sni is not None
+        await proxy.interceptor.serve(sock, initial, Inherited(
+            client_addr[0], client_addr[1], sni, port, connect=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"))
+
+    return on_tls
+
+
 def raw_relay_admission(proxy: Composable) -> tuple[Callable[[str], str | None], Callable[[str], None]]:
     """(admit, release) for intercepted connections relayed raw: the same client check (the live
     `access.allow_clients`, SIGHUP included) and the same connection counts as HTTP clients."""
@@ -90,7 +113,8 @@ async def _start_transparent(proxy: Composable) -> None:
         spoof_client_address=cfg.transparent["spoof_client_address"],
         own_listeners=[*proxy.listen_addrs, *cfg.transparent["listen"]], resolve=proxy.resolve,
         log=lambda line: proxy.log_error(line, "info"), admit=admit, release=release,
-        half_close_timeout=cfg.transparent["half_close_timeout"] or None)
+        half_close_timeout=cfg.transparent["half_close_timeout"] or None,
+        wants_tls=lambda sni, dst: wants_tls(proxy.interceptor, sni, dst), on_tls=on_tls_factory(proxy))
     try:
         listener.start()
     except OSError as e:

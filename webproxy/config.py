@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ class ConfigError(Exception):
 def _default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "webproxy")
+
+
+def default_ca_dir(cache_dir: str) -> str:
+    """tls.ca_dir when unset: beside the cache directory (~/.cache/webproxy -> ~/.cache/webproxy-ca),
+    not inside it, so clearing the cache never throws the CA away."""
+    cache_dir = os.path.abspath(cache_dir.rstrip("/") or "/")
+    return os.path.join(os.path.dirname(cache_dir), os.path.basename(cache_dir) + "-ca")
 
 
 def ipv6_loopback() -> bool:
@@ -150,11 +157,16 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "default_ttl": ("float", 3600.0),
         "timeout": ("float", 30.0),
     },
+    "tls": {
+        "ca_dir": ("str", ""),
+        "intercept": ("strs", []),
+        "upstream_ca_file": ("str", ""),
+    },
 }
 
 # Keys whose new value only takes effect after a restart (SIGHUP reports them).
 RESTART_KEYS = {"server.listen", "server.workers", "server.user", "server.group", "server.pid_file",
-                "cache.directory", "transparent.listen", "transparent.mode",
+                "cache.directory", "transparent.listen", "tls.ca_dir", "tls.upstream_ca_file", "transparent.mode",
                 *(f"socks.{key}" for key in SCHEMA["socks"])}
 
 # Tables that a section holds as a list (`[[upstream.parent]]`, `[[auth.rule]]`): a key of kind
@@ -329,6 +341,7 @@ class Config:
     gopher: dict[str, Any]
     tunnel: list[dict[str, Any]]
     path: str | None = None
+    tls: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         """Every key as "section.key" -> value, for diffing on reload."""
@@ -350,6 +363,8 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
         raise ConfigError("config: tunnels are written [[tunnel]] (a list of tables)")
     checked = [_check_section(f"tunnel[{i}]", LIST_SCHEMA["tunnel"], t) for i, t in enumerate(tunnels)]
     sections["cache"]["directory"] = os.path.expanduser(sections["cache"]["directory"])
+    tls = sections["tls"]
+    tls["ca_dir"] = os.path.expanduser(tls["ca_dir"]) or default_ca_dir(sections["cache"]["directory"])
     return Config(**sections, tunnel=checked, path=path)
 
 

@@ -15,6 +15,7 @@ import re
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
@@ -125,6 +126,20 @@ class ParseFailure:
         self.start = start
 
 
+@dataclass(slots=True)
+class Inherited:
+    """What the HTTP connection inside an intercepted TLS tunnel inherits from the CONNECT that
+    opened it: its requests carry no proxy credentials of their own and belong to that client."""
+
+    client_ip: str
+    client_port: int
+    host: str  # the CONNECT authority: where every request inside goes
+    port: int
+    user: str | None = None  # the CONNECT's authenticated user, once proxy authentication exists
+    connect: str | None = None  # "ip:port" to dial instead (transparent mode: the original destination)
+    ended: asyncio.Future[None] | None = None  # set when the inner connection is gone
+
+
 class ConnectionHost(Protocol):
     """What a client connection needs from the proxy around it, and nothing more."""
 
@@ -151,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
     to go on. Its lifecycle is `state` (http1.ConnState)."""
 
     def __init__(self, host: ConnectionHost, initial: bytes = b"",
-                 transparent_dst: tuple[str, int] | None = None) -> None:
+                 transparent_dst: tuple[str, int] | None = None, inherited: Inherited | None = None) -> None:
         self.host = host
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
@@ -162,6 +177,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_port = 0
         self.pending: deque[Request | ParseFailure] = deque()
         self.transparent_dst = transparent_dst
+        self.inherited = inherited  # set: this is the decrypted inside of an intercepted tunnel
         self.initial = initial
         self.upgrade_rest: bytes | None = None
         self.response_started = False
@@ -204,8 +220,14 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.client_ip, self.client_port = peer[0], peer[1]
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self.denied = self.host.denied(self)
-        if self.denied:
+        inh = self.inherited
+        if inh is not None:
+            # Admitted and counted as the CONNECT that opened it (which holds the slot until
+            # this connection ends): not admitted or counted a second time.
+            self.client_ip, self.client_port = inh.client_ip, inh.client_port
+            self._arm_idle()
+        elif (denied := self.host.denied(self)):
+            self.denied = denied
             # Not counted against the connection limits, and not kept: a request that is already
             # on its way gets its 403 (and the connection closes after it), silence is cut short.
             self._idle = self.loop.call_later(DENIED_LINGER, self.close)
@@ -239,6 +261,9 @@ class ClientConnection(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             self.host.release(self)
+        inh = self.inherited
+        if inh is not None and inh.ended is not None and not inh.ended.done():
+            inh.ended.set_result(None)
 
     def eof_received(self) -> bool:
         """FIN from the client: keep the write side open while complete requests are waiting

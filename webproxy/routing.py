@@ -6,6 +6,8 @@ built once when the proxy starts. Every path ends in exactly one access-log line
     any target on a redirected conn.    -> TRANSPARENT (fetched from the original destination,
                                            whatever the URL or Host names), LOOP if our Via is on it
     CONNECT host:port                   -> CONNECT
+    inside an intercepted TLS tunnel    -> HTTP for https:// (the target made absolute first,
+                                           tlspolicy.inner_url), BAD for anything else
     origin-form, via our own Via        -> LOOP (508)
     origin-form, or a URL naming us     -> SELF (status page)
     http:// ftp:// gopher:// (FETCHERS) -> the fetcher of that scheme
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from webproxy import logcodes
@@ -30,6 +32,7 @@ from webproxy.ftpgate import FtpGate
 from webproxy.gophergate import GopherGate
 from webproxy.httpmsg import BadTarget, Target, get_header, has_via_loop, parse_absolute_cached
 from webproxy.selfpages import SelfPages
+from webproxy.tlspolicy import inner_url
 from webproxy.transparent import TransparentHttp
 
 # Schemes a client might send in absolute form that we know but do not fetch ourselves.
@@ -60,8 +63,9 @@ class Routed:
 
 
 def route(method: str, target: str, denied: bool, transparent: bool, looped: bool,
-          is_self: Callable[[str, int], bool]) -> Routed:
-    """Pure: which handler answers this request. `looped`: our own Via is on it already."""
+          is_self: Callable[[str, int], bool], inner: bool = False) -> Routed:
+    """Pure: which handler answers this request. `looped`: our own Via is on it already.
+    `inner`: read inside an intercepted TLS tunnel (its target already made absolute https://)."""
     if denied:
         return Routed(Route.DENIED)
     if transparent:
@@ -79,6 +83,11 @@ def route(method: str, target: str, denied: bool, transparent: bool, looped: boo
     except BadTarget as e:
         return Routed(Route.BAD, message=str(e))
     fetcher = FETCHERS.get(t.scheme)
+    if inner:
+        # The only scheme inside a tunnel; the CONNECT that opened it passed the loop checks.
+        if t.scheme != "https":
+            return Routed(Route.BAD, t, "an intercepted tunnel carries https:// requests only")
+        return Routed(Route.LOOP if looped else Route.HTTP, t)
     if fetcher is Route.HTTP and is_self(t.host, t.port):
         return Routed(Route.LOOP if looped else Route.SELF, t)
     if fetcher is not None:
@@ -111,17 +120,33 @@ class Router:
         self.pages = pages
 
     def _route(self, conn: ClientConnection, req: Request) -> Routed:
-        return route(req.method, req.target, conn.denied, conn.transparent_dst is not None,
-                     has_via_loop(req.headers, self.env.cfg.server["name"]), self.env.is_self)
+        routed = route(req.method, req.target, conn.denied, conn.transparent_dst is not None,
+                       has_via_loop(req.headers, self.env.cfg.server["name"]), self.env.is_self,
+                       conn.inherited is not None)
+        return _dial_inherited(conn, routed)
+
+    @staticmethod
+    def _absolute(conn: ClientConnection, req: Request) -> str | None:
+        """Inside an intercepted tunnel: make the target the absolute https:// URL (so the cache
+        key and the access log name it whole); the reason when it cannot be."""
+        inh = conn.inherited
+        if inh is None:
+            return None
+        try:
+            req.target = inner_url(req.method, req.target, get_header(req.headers, "host"), inh.host, inh.port)
+        except BadTarget as e:
+            return str(e)
+        return None
 
     def answer_now(self, conn: ClientConnection, req: Request) -> bool:
         """The parser-callback path: a fresh hit from memory, answered and logged synchronously.
         False: the request goes to the serve task (`handle`) instead."""
         cache = self.forwarder.cache
-        if cache is None or req.method != "GET" or conn.transparent_dst is not None:
+        if cache is None or req.method != "GET" or conn.transparent_dst is not None or self._absolute(conn, req):
             return False
         looped = has_via_loop(req.headers, self.env.cfg.server["name"])
-        routed = route(req.method, req.target, conn.denied, False, looped, self.env.is_self)
+        routed = _dial_inherited(conn, route(req.method, req.target, conn.denied, False, looped, self.env.is_self,
+                                             conn.inherited is not None))
         if routed.route is not Route.HTTP or routed.target is None or refusal(self.env, req, routed.target, looped):
             return False
         rw = ResponseWriter(conn, req)
@@ -139,11 +164,15 @@ class Router:
 
     async def handle(self, conn: ClientConnection, req: Request) -> bool:
         """Answer one request; returns whether the connection may serve another."""
+        bad = self._absolute(conn, req)
         rw = ResponseWriter(conn, req)
         ex = Exchange(req.target)
         keep = False
         try:
-            keep = await self._dispatch(conn, req, rw, ex)
+            if bad is not None:
+                keep = self.answers.error(rw, ex, 400, bad, close=True)
+            else:
+                keep = await self._dispatch(conn, req, rw, ex)
         except ClientGone:
             ex.code = logcodes.aborted(ex.code)
             keep = False
@@ -178,3 +207,12 @@ class Router:
         if r is Route.UNSUPPORTED:
             return self.answers.error(rw, ex, 501, routed.message)
         return await self.table[r](conn, req, rw, ex, routed)
+
+
+def _dial_inherited(conn: ClientConnection, routed: Routed) -> Routed:
+    """An intercepted tunnel that knows the address to dial (transparent mode: the original
+    destination) fetches from there, whatever the name."""
+    inh = conn.inherited
+    if inh is not None and inh.connect is not None and routed.target is not None:
+        routed.target = replace(routed.target, connect=inh.connect)
+    return routed

@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunnel.netaddr import is_local_address
+from webproxy import certs, logcodes, logfiles, metrics, parents, service
 from webproxy import config as config_mod
-from webproxy import logcodes, logfiles, metrics, parents, service
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
 from webproxy.caching import CacheLayer
+from webproxy.certs import Authority, CAError, ca_exists, origin_context
 from webproxy.composition import attach_layers
 from webproxy.connect import ConnectHandler
 from webproxy.dns import Resolver
@@ -31,6 +32,7 @@ from webproxy.frontend import ClientConnection, ParseFailure, Request
 from webproxy.ftpgate import FtpGate
 from webproxy.gophergate import GopherGate
 from webproxy.httpmsg import Target, parse_absolute
+from webproxy.intercept import Interceptor
 from webproxy.origin import Opener
 from webproxy.refresher import Refresher
 from webproxy.routing import Router
@@ -62,7 +64,13 @@ class ProxyServer:
         # resolve(host, port) -> [{"host": ip, ...}, ...]
         self.resolver = Resolver(cfg.upstream["dns_ttl"])
         self.resolve = self.resolver.resolve
-        self.upstream = Upstream(cfg.upstream, self.resolver, head_limit=cfg.server["max_header_size"])
+        try:
+            self.authority = Authority(cfg.tls["ca_dir"]) if ca_exists(cfg.tls["ca_dir"]) else None
+            origin_tls = origin_context(cfg.tls["upstream_ca_file"])
+        except CAError as e:
+            raise StartupError(str(e)) from None
+        self.upstream = Upstream(cfg.upstream, self.resolver, head_limit=cfg.server["max_header_size"],
+                                 tls=origin_tls)
         self.answers = Answers(self)
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
         self.ftp = FtpGate(self, self.answers, self.resolver, self.forwarder.parents)
@@ -70,8 +78,10 @@ class ProxyServer:
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
+        self.interceptor = Interceptor(self, self, self.authority)
         self.router = Router(self, self.answers, self.forwarder,
-                             ConnectHandler(self, self.answers, self.resolve, self.release, self.forwarder.parents),
+                             ConnectHandler(self, self.answers, self.resolve, self.release, self.forwarder.parents,
+                                            self.interceptor),
                              self.ftp, self.gopher,
                              TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
         self.servers: list[asyncio.AbstractServer] = []
@@ -285,7 +295,7 @@ class ProxyServer:
         old_flat, new_flat = self.cfg.flat(), new.flat()
         changed = [k for k in new_flat if new_flat[k] != old_flat.get(k)]
         needs_restart = [k for k in changed if k in config_mod.RESTART_KEYS]
-        for section in ("server", "access", "log", "upstream", "refresh", "ftp"):
+        for section in ("server", "access", "log", "upstream", "refresh", "ftp", "tls"):
             keep = {k: getattr(self.cfg, section)[k] for k in getattr(self.cfg, section) if f"{section}.{k}" in needs_restart}
             getattr(new, section).update(keep)
         new.cache = {**self.cfg.cache, **{k: v for k, v in new.cache.items() if f"cache.{k}" not in config_mod.RESTART_KEYS}}
@@ -300,6 +310,9 @@ class ProxyServer:
         self.upstream.head_limit = new.server["max_header_size"]
         self.resolver.ttl = new.upstream["dns_ttl"]
         self.reload_access()
+        if new.tls["intercept"] and self.authority is None:
+            self.log_error(f"reload: tls.intercept is set but no CA was loaded at start; run: webproxy ca init "
+                           f"--dir {new.tls['ca_dir']}, then restart webproxy (until then nothing is intercepted)")
         applied = [k for k in changed if k not in needs_restart]
         self.log_error(f"reloaded {new.path}: {len(applied)} change(s) applied"
                        + (f" ({', '.join(applied)})" if applied else ""))
@@ -387,6 +400,9 @@ def prepare(cfg: config_mod.Config) -> service.Identity | None:
         if why:
             raise StartupError(why)
     check_cache_dir(cfg)
+    why = certs.startup_problem(cfg.tls["ca_dir"], cfg.tls["intercept"])
+    if why:
+        raise StartupError(why)
     return ident
 
 

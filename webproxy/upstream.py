@@ -1,7 +1,8 @@
 """Fetching from origin servers over HTTP/1.1: our own client, built for a proxy.
 
 `Upstream.request()` sends one request and returns the final response head; connections
-(`webproxy.originconn`) are kept alive in a pool per (host, port) with the `[upstream]` limits
+(`webproxy.originconn`) are kept alive in a pool per (host, port), plus the TLS server name for
+https:// (always verified: chain and name, see certs.origin_context), with the `[upstream]` limits
 and idle expiry, and names are resolved by the process's shared resolver (`webproxy.dns`).
 
 Nothing is added or changed on the way: the request target byte-for-byte, only the header fields
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,8 +35,14 @@ from webproxy.originconn import (
     UpstreamResponse,
     serialize_request,
 )
+from webproxy.tlspolicy import verify_reason
 
 __all__ = ["Informational", "Upstream", "UpstreamResponse"]
+
+# (host, port) to dial; a third member: "parent" (a parent proxy's connections) or TLS_TAG + the
+# server name an https:// origin is verified for.
+PoolKey = tuple[str, int] | tuple[str, int, str]
+TLS_TAG = "tls "
 
 # RFC 9110 9.2.2: a request that may be sent twice without a different effect.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -53,14 +61,16 @@ class _Host:
 class Upstream:
     """The origin-side HTTP client, shared by every client connection of one proxy process."""
 
-    def __init__(self, cfg: dict[str, Any], resolver: Resolver | None = None, head_limit: int = MAX_HEAD) -> None:
+    def __init__(self, cfg: dict[str, Any], resolver: Resolver | None = None, head_limit: int = MAX_HEAD,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
+        self.tls = tls  # for https:// origins; None: the system trust store (made when first needed)
         self.resolver = resolver if resolver is not None else Resolver(cfg["dns_ttl"])
         self.head_limit = head_limit
         self.loop = asyncio.get_running_loop()
         self.active = 0  # fetches in flight, read by the refresher's load check
         self.opened = 0  # connections opened, for stats and tests
-        self._hosts: dict[tuple[str, int], _Host] = {}
+        self._hosts: dict[PoolKey, _Host] = {}
         self._live = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -76,7 +86,9 @@ class Upstream:
         to `informational` as they arrive. `parent`: send it to that proxy instead, in absolute
         form (RFC 9112 3.2.2), over the parent's own pooled connections. Raises UpstreamError."""
         if parent is None:
-            key: tuple[str, int] | tuple[str, int, str] = _dial(target)
+            key: PoolKey = _dial(target)
+            if target.scheme == "https":
+                key = (*key, TLS_TAG + target.host)  # a TLS connection, verified for this name: its own pool
             label = f"{target.host}:{target.port}"
             path = target.path
         else:
@@ -101,7 +113,7 @@ class Upstream:
             raise UpstreamError(502, f"{label} closed the connection without answering", "ERR_READ_ERROR") from None
 
     # ---- the pool -----------------------------------------------------------------------------
-    async def _acquire(self, key: tuple[str, int], label: str, fresh: bool) -> OriginConnection:
+    async def _acquire(self, key: PoolKey, label: str, fresh: bool) -> OriginConnection:
         loop = self.loop
         while True:
             if self._closed:
@@ -144,8 +156,13 @@ class Upstream:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
 
-    async def _open(self, key: tuple[str, int], label: str) -> OriginConnection:
-        host, port = key[0], key[1]  # a parent's key is (host, port, "parent")
+    async def _open(self, key: PoolKey, label: str) -> OriginConnection:
+        host, port = key[0], key[1]  # a parent's key is (host, port, "parent"); TLS: (host, port, "tls NAME")
+        tls: dict[str, Any] = {}
+        if len(key) > 2 and key[2].startswith(TLS_TAG):
+            if self.tls is None:
+                self.tls = ssl.create_default_context()
+            tls = {"ssl": self.tls, "server_hostname": key[2][len(TLS_TAG):]}
         loop = self.loop
         timeout = self.cfg["connect_timeout"] or None
         last: OSError | None = None
@@ -154,7 +171,13 @@ class Upstream:
                 for _family, ip in await self.resolver.addresses(host, port):
                     conn = OriginConnection(self, key, label)
                     try:
-                        await loop.create_connection(lambda c=conn: c, ip, port)  # type: ignore[misc]
+                        await loop.create_connection(lambda c=conn: c, ip, port, **tls)  # type: ignore[misc]
+                    except ssl.SSLCertVerificationError as e:
+                        raise UpstreamError(502, f"cannot verify the TLS certificate of {label}: {verify_reason(e)}",
+                                            "ERR_SECURE_CONNECT_FAIL") from None
+                    except ssl.SSLError as e:
+                        raise UpstreamError(502, f"TLS handshake with {label} failed: {e.reason or e}",
+                                            "ERR_SECURE_CONNECT_FAIL") from None
                     except OSError as e:
                         last = e
                         continue
@@ -193,7 +216,7 @@ class Upstream:
             self._drop_host_if_unused(conn.key, h)
         self._wake_waiters()
 
-    def _drop_host_if_unused(self, key: tuple[str, int], h: _Host) -> None:
+    def _drop_host_if_unused(self, key: PoolKey, h: _Host) -> None:
         if h.live <= 0 and self._hosts.get(key) is h:
             del self._hosts[key]
 
@@ -245,7 +268,7 @@ class Upstream:
         self._wake_waiters()
 
 
-def _dial(target: Target) -> tuple[str, int]:
+def _dial(target: Target) -> PoolKey:
     """(host, port) to connect to: the intercepted destination in transparent mode."""
     if target.connect is None:
         return target.host, target.port
