@@ -68,7 +68,7 @@ def test_disk_hits_are_byte_exact(cproxy, origin, size):
 
 def test_a_slow_reader_of_a_large_hit_does_not_grow_the_proxy(cproxy, origin):
     size = 100 * 1024 * 1024
-    url = origin.put("big", os.urandom(size), Cache_Control="max-age=600")
+    url = origin.put("hitpath-big", os.urandom(size), Cache_Control="max-age=600")
     fetch(cproxy, url)
     s = socket.create_connection(("127.0.0.1", cproxy.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
