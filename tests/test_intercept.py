@@ -31,13 +31,11 @@ from tests.intercept_support import (
 from tests.support import ProxyProcess, curl, run_webproxy, tiny_wheel, wait_until, write_config
 from tunnel.clienthello import parse_client_hello
 from webproxy.httpmsg import BadTarget
-from webproxy.parents import DIRECT, Plan
 from webproxy.tlspolicy import (
     cert_name,
     handshake_rejected,
     inner_url,
     intercepted,
-    intercepted_plan,
     leaf_fresh,
 )
 
@@ -349,8 +347,36 @@ def test_the_proxy_refuses_to_intercept_without_a_ca(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "webproxy ca init" in r.stderr
 
 
-def test_an_intercepted_request_goes_direct_when_the_parent_plan_allows_it_else_is_refused():
-    parent = object()
-    assert intercepted_plan(Plan((parent, DIRECT), "FIRSTUP_PARENT")).direct_only  # type: ignore[arg-type]
-    refused = intercepted_plan(Plan((parent,), "FIRSTUP_PARENT"))  # type: ignore[arg-type]
-    assert refused.hops == () and "never_direct" in refused.reason
+def test_an_intercepted_request_reaches_the_origin_through_the_parents_connect_never_in_clear(world):
+    # Parent B tunnels; A (intercepting, never_direct) sends its TLS to the origin inside B's
+    # CONNECT, so B sees an authority, never a path, and A still caches the https:// object.
+    for d in ("parent", "child"):
+        (world.tmp / d).mkdir(exist_ok=True)
+    parent = ProxyProcess(world.tmp / "parent", {"access": {"connect_ports": [world.good.port]},
+                                                "cache": {"enabled": False}}).start()
+    child = ProxyProcess(world.tmp / "child", {
+        "access": {"connect_ports": [world.good.port]},
+        "upstream": {"parent": [{"address": f"127.0.0.1:{parent.port}"}], "never_direct": True,
+                     "keepalive_timeout": 0.5},  # the parent logs a tunnel when it ends
+        "tls": {"ca_dir": str(world.ca_dir), "intercept": ["localhost"], "upstream_ca_file": world.origin_ca_file},
+        "refresh": {"enabled": False},
+    }).start()
+    try:
+        url = world.good.put("via-parent", b"through the parent\n", Cache_Control="max-age=600")
+        url = url.replace("http://127.0.0.1", "https://localhost")
+        for _ in range(2):
+            r = curl("-x", child.url, "--cacert", world.ca_file, url)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"through the parent\n"
+        assert world.good.full["via-parent"] == 1
+        assert wait_until(lambda: len([ln for ln in child.access_lines() if url in ln]) == 2)
+        miss, hit = [ln for ln in child.access_lines() if url in ln]
+        assert "PARENT/127.0.0.1" in miss and "HIT/200" in hit
+        assert wait_until(lambda: any(f"CONNECT localhost:{world.good.port}" in ln for ln in parent.access_lines()))
+        assert not any("via-parent" in ln for ln in parent.access_lines())
+        parent.stop()
+        r = curl("-x", child.url, "--cacert", world.ca_file, "-w", "%{http_code}", url.replace("via-parent", "x"))
+        assert r.stdout.endswith(b"502") and b"parent" in r.stdout
+    finally:
+        child.stop()
+        parent.stop()

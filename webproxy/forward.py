@@ -28,7 +28,6 @@ from webproxy.httpmsg import (
 from webproxy.metrics import TALLY
 from webproxy.origin import HttpOriginResponse, Opener, OriginResponse
 from webproxy.parentpath import ParentPath
-from webproxy.tlspolicy import intercepted_plan
 from webproxy.upstream import Informational, Upstream
 
 ALLOW_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"
@@ -170,8 +169,6 @@ class HttpForwarder:
         sent = time.monotonic()
         try:
             plan = self.parents.plan(target.host, intercepted=target.connect is not None)
-            if target.scheme == "https":  # from inside an intercepted TLS tunnel
-                plan = intercepted_plan(plan)
             if plan.direct_only:
                 resp = HttpOriginResponse(await upstream.request(method, target, headers, body, informational))
             else:

@@ -23,7 +23,7 @@ from webproxy.errors import UpstreamError
 from webproxy.httpmsg import Headers, Target, strip_hop_by_hop
 from webproxy.origin import HttpOriginResponse, OriginResponse
 from webproxy.parents import DIRECT, DownTable, Parent, Plan, parse_parents, select, unreachable
-from webproxy.upstream import IDEMPOTENT, Informational, Upstream
+from webproxy.upstream import IDEMPOTENT, Informational, ParentTunnel, Upstream, tunnel_failure
 
 T = TypeVar("T")
 R = TypeVar("R", bound=OriginResponse)
@@ -122,7 +122,13 @@ class ParentPath:
                       body: AsyncIterator[bytes] | None = None,
                       informational: Informational | None = None) -> HttpOriginResponse:
         """One request through `parent`. A parent's 407 is about our credentials, not the client's:
-        it is a 502 naming the parent (the client must not be asked for the parent's password)."""
+        it is a 502 naming the parent (the client must not be asked for the parent's password).
+        An https:// request (from an intercepted tunnel) goes through the parent's CONNECT with
+        our TLS to the origin inside: the parent never sees it in clear."""
+        if target.scheme == "https":
+            tunnel = ParentTunnel(parent.host, parent.port, tuple(parent.fields()))
+            return HttpOriginResponse(await self.upstream.request(method, target, headers, body, informational,
+                                                                  tunnel=tunnel))
         resp = await self.upstream.request(method, target, [*headers, *parent.fields()], body, informational,
                                            parent=(parent.host, parent.port))
         if resp.status == 407:
@@ -147,12 +153,8 @@ class ParentPath:
             try:
                 return await dial_through_parent(p.host, p.port, host, port, fields=[*fields, *p.fields()],
                                                  timeout=timeout, resolve=self.resolve)
-            except DialError as e:
-                raise UpstreamError(e.status, f"cannot connect to parent proxy: {e}", "ERR_CONNECT_FAIL") from None
-            except TunnelRefused as e:
-                hint = "; check username/password in [[upstream.parent]]" if e.status == 407 else ""
-                raise UpstreamError(502, f"parent proxy {p.name} refused CONNECT {host}:{port}: {e}{hint}",
-                                    "ERR_CANNOT_FORWARD") from None
+            except (DialError, TunnelRefused) as e:
+                raise tunnel_failure(e, p.name, host, port) from None
 
         async def direct() -> None:
             return None

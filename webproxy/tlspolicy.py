@@ -9,7 +9,6 @@ import ssl
 from collections.abc import Iterable
 
 from webproxy.httpmsg import BadTarget, check_host, parse_absolute, parse_authority
-from webproxy.parents import DIRECT, ONLY_DIRECT, Plan
 
 # A minted leaf is valid this long (well under the 398 days browsers accept, CA/B Forum BR 6.3.2),
 # and re-minted once less than RENEW_BEFORE of it is left, so no client ever sees it expire.
@@ -114,14 +113,3 @@ def verify_reason(e: ssl.SSLCertVerificationError) -> str:
     if code == 62 or "hostname mismatch" in message.lower() or "ip address mismatch" in message.lower():
         return f"name mismatch ({message})"
     return message
-
-
-def intercepted_plan(plan: Plan) -> Plan:
-    """The parent plan for a request from inside an intercepted tunnel (an https:// URL): direct
-    when the plan allows it. Sending it to a parent in absolute form would put the decrypted request
-    on the wire in clear, and a parent's CONNECT with our TLS inside is not built yet; so with
-    never_direct (no DIRECT hop) it is refused, naming what to change."""
-    if DIRECT in plan.hops:
-        return ONLY_DIRECT
-    return Plan((), plan.code, reason="intercepted https:// requests are not sent through parent proxies; "
-                "allow going direct for this domain (upstream.never_direct) or remove it from tls.intercept")

@@ -21,8 +21,11 @@ import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+from tunnel.connect import DialError
+from tunnel.parentdial import TunnelRefused, dial_through_parent
 from webproxy.dns import DNSError, Resolver
 from webproxy.errors import UpstreamError
 from webproxy.httpmsg import Headers, Target
@@ -41,7 +44,16 @@ __all__ = ["Informational", "Upstream", "UpstreamResponse"]
 
 # (host, port) to dial; a third member: "parent" (a parent proxy's connections) or TLS_TAG + the
 # server name an https:// origin is verified for.
-PoolKey = tuple[str, int] | tuple[str, int, str]
+PoolKey = tuple[str, int] | tuple[str, int, str] | tuple[str, int, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ParentTunnel:
+    """A parent proxy whose CONNECT carries our TLS to an https:// origin."""
+
+    host: str
+    port: int
+    fields: tuple[tuple[str, str], ...]  # on the CONNECT: Proxy-Authorization for that parent
 TLS_TAG = "tls "
 
 # RFC 9110 9.2.2: a request that may be sent twice without a different effect.
@@ -71,6 +83,7 @@ class Upstream:
         self.active = 0  # fetches in flight, read by the refresher's load check
         self.opened = 0  # connections opened, for stats and tests
         self._hosts: dict[PoolKey, _Host] = {}
+        self._tunnels: dict[PoolKey, ParentTunnel] = {}  # https:// pools reached through a parent's CONNECT
         self._live = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -79,16 +92,22 @@ class Upstream:
     async def request(self, method: str, target: Target, headers: Headers,
                       body: AsyncIterator[bytes] | None = None,
                       informational: Informational | None = None,
-                      parent: tuple[str, int] | None = None) -> UpstreamResponse:
+                      parent: tuple[str, int] | None = None,
+                      tunnel: ParentTunnel | None = None) -> UpstreamResponse:
         """Send the request to `target` (its `connect` address when set, else host and port) and
         return once the final response head is in. `headers` go out exactly as given; `body`
         is streamed (chunked unless the headers carry Content-Length). Interim 1xx responses go
         to `informational` as they arrive. `parent`: send it to that proxy instead, in absolute
-        form (RFC 9112 3.2.2), over the parent's own pooled connections. Raises UpstreamError."""
+        form (RFC 9112 3.2.2), over the parent's own pooled connections. `tunnel`: for an https://
+        target, reach the origin through that parent's CONNECT and speak TLS to the origin inside
+        it, so the parent never sees the request in clear. Raises UpstreamError."""
         if parent is None:
             key: PoolKey = _dial(target)
             if target.scheme == "https":
                 key = (*key, TLS_TAG + target.host)  # a TLS connection, verified for this name: its own pool
+                if tunnel is not None:
+                    key = (*key, f"via {tunnel.host}:{tunnel.port}")
+                    self._tunnels[key] = tunnel
             label = f"{target.host}:{target.port}"
             path = target.path
         else:
@@ -157,38 +176,54 @@ class Upstream:
                     self._waiters.remove(fut)
 
     async def _open(self, key: PoolKey, label: str) -> OriginConnection:
-        host, port = key[0], key[1]  # a parent's key is (host, port, "parent"); TLS: (host, port, "tls NAME")
+        # A parent's key is (host, port, "parent"); TLS: (host, port, "tls NAME"), and a fourth
+        # member "via PARENT" when the TLS goes through that parent's CONNECT.
+        host, port = key[0], key[1]
         tls: dict[str, Any] = {}
         if len(key) > 2 and key[2].startswith(TLS_TAG):
             if self.tls is None:
                 self.tls = ssl.create_default_context()
             tls = {"ssl": self.tls, "server_hostname": key[2][len(TLS_TAG):]}
-        loop = self.loop
+        tunnel = self._tunnels.get(key) if len(key) > 3 else None
         timeout = self.cfg["connect_timeout"] or None
         last: OSError | None = None
         try:
             async with asyncio.timeout(timeout):
-                for _family, ip in await self.resolver.addresses(host, port):
-                    conn = OriginConnection(self, key, label)
+                if tunnel is not None:
                     try:
-                        await loop.create_connection(lambda c=conn: c, ip, port, **tls)  # type: ignore[misc]
-                    except ssl.SSLCertVerificationError as e:
-                        raise UpstreamError(502, f"cannot verify the TLS certificate of {label}: {verify_reason(e)}",
-                                            "ERR_SECURE_CONNECT_FAIL") from None
-                    except ssl.SSLError as e:
-                        raise UpstreamError(502, f"TLS handshake with {label} failed: {e.reason or e}",
-                                            "ERR_SECURE_CONNECT_FAIL") from None
+                        sock, _ = await dial_through_parent(tunnel.host, tunnel.port, host, port,
+                                                            fields=list(tunnel.fields), timeout=timeout or 3600.0,
+                                                            resolve=self.resolver.resolve)
+                    except (DialError, TunnelRefused) as e:
+                        raise tunnel_failure(e, f"{tunnel.host}:{tunnel.port}", host, port) from None
+                    # (nothing can follow a 200 before our ClientHello: a TLS server speaks second)
+                    return await self._connect(key, label, tls, sock=sock)
+                for _family, ip in await self.resolver.addresses(host, port):
+                    try:
+                        return await self._connect(key, label, tls, host=ip, port=port)
                     except OSError as e:
                         last = e
-                        continue
-                    self.opened += 1
-                    return conn
         except TimeoutError:
             raise UpstreamError(504, f"timed out connecting to {label}", "ERR_CONNECT_FAIL") from None
         except DNSError as e:
             raise UpstreamError(502, f"cannot resolve {label}: DNS lookup failed ({e.strerror or e})",
                                 "ERR_DNS_FAIL") from None
         raise UpstreamError(502, f"cannot connect to {label}: {_why(last)}", "ERR_CONNECT_FAIL")
+
+    async def _connect(self, key: PoolKey, label: str, tls: dict[str, Any], **where: Any) -> OriginConnection:
+        """One connection (`host`/`port`, or an already connected `sock`), TLS when `tls` says so.
+        A TLS failure is the 502 naming why; other OSErrors are the caller's to try elsewhere."""
+        conn = OriginConnection(self, key, label)
+        try:
+            await self.loop.create_connection(lambda: conn, **where, **tls)
+        except ssl.SSLCertVerificationError as e:
+            raise UpstreamError(502, f"cannot verify the TLS certificate of {label}: {verify_reason(e)}",
+                                "ERR_SECURE_CONNECT_FAIL") from None
+        except ssl.SSLError as e:
+            raise UpstreamError(502, f"TLS handshake with {label} failed: {e.reason or e}",
+                                "ERR_SECURE_CONNECT_FAIL") from None
+        self.opened += 1
+        return conn
 
     def give_back(self, conn: OriginConnection) -> None:
         keepalive = self.cfg["keepalive_timeout"]
@@ -274,6 +309,15 @@ def _dial(target: Target) -> PoolKey:
         return target.host, target.port
     host, _, port = target.connect.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def tunnel_failure(e: DialError | TunnelRefused, parent: str, host: str, port: int) -> UpstreamError:
+    """A parent's CONNECT that failed, as the client should see it. Unreachable: the next hop may
+    be tried (ERR_CONNECT_FAIL); refused: the parent is alive and said no (its status, named)."""
+    if isinstance(e, DialError):  # e.status: 504 for a timeout, else 502
+        return UpstreamError(e.status, f"cannot connect to parent proxy: {e}", "ERR_CONNECT_FAIL")
+    hint = "; check username/password in [[upstream.parent]]" if e.status == 407 else ""
+    return UpstreamError(502, f"parent proxy {parent} refused CONNECT {host}:{port}: {e}{hint}", "ERR_CANNOT_FORWARD")
 
 
 def _why(e: BaseException | None) -> str:
