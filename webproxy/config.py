@@ -145,6 +145,26 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "default_ttl": ("float", 3600.0),
         "timeout": ("float", 30.0),
     },
+    "auth": {
+        "backend": ("choice:none,htpasswd,ldap", "none"),
+        "realm": ("str", "webproxy"),
+        "htpasswd_file": ("str", ""),
+        "groups_file": ("str", ""),
+        "ldap_url": ("str", ""),
+        "ldap_base": ("str", ""),
+        "ldap_user_filter": ("str", "(uid={user})"),
+        "ldap_group_base": ("str", ""),
+        "ldap_group_filter": ("str", "(|(member={dn})(uniqueMember={dn})(memberUid={user}))"),
+        "ldap_group_attribute": ("str", "cn"),
+        "ldap_bind_dn": ("str", ""),
+        "ldap_bind_password": ("str", ""),
+        "ldap_starttls": ("bool", False),
+        "ldap_ca_file": ("str", ""),
+        "ldap_timeout": ("float", 5.0),
+        "cache_ttl": ("float", 300.0),
+        "exempt_clients": ("nets", []),
+        "rule": ("tables:auth_rule", []),
+    },
 }
 
 # Keys whose new value only takes effect after a restart (SIGHUP reports them).
@@ -154,7 +174,15 @@ RESTART_KEYS = {"server.listen", "server.workers", "server.user", "server.group"
 
 # Tables that a section holds as a list (`[[upstream.parent]]`, `[[auth.rule]]`): a key of kind
 # "tables:NAME" in SCHEMA; each entry is checked against TABLE_SCHEMA[NAME].
-TABLE_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {}
+TABLE_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "auth_rule": {
+        "name": ("str", ""),
+        "groups": ("strs", []),
+        "allow_domains": ("strs", []),
+        "deny_domains": ("strs", []),
+        "connect_ports": ("ints", []),
+    },
+}
 
 # Sections that are lists of tables; each entry is checked against its own schema.
 LIST_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
@@ -315,6 +343,7 @@ class Config:
     pac: dict[str, Any]
     socks: dict[str, Any]
     gopher: dict[str, Any]
+    auth: dict[str, Any]
     tunnel: list[dict[str, Any]]
     path: str | None = None
 
@@ -338,7 +367,25 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
         raise ConfigError("config: tunnels are written [[tunnel]] (a list of tables)")
     checked = [_check_section(f"tunnel[{i}]", LIST_SCHEMA["tunnel"], t) for i, t in enumerate(tunnels)]
     sections["cache"]["directory"] = os.path.expanduser(sections["cache"]["directory"])
+    _check_auth(sections)
     return Config(**sections, tunnel=checked, path=path)
+
+
+def _check_auth(sections: dict[str, dict[str, Any]]) -> None:
+    """[auth] against the rest: what a backend needs, and no password prompt for clients that
+    cannot answer one (a transparently redirected browser does not know there is a proxy)."""
+    auth = sections["auth"]
+    backend = auth["backend"]
+    if backend == "none":
+        return
+    if backend == "htpasswd" and not auth["htpasswd_file"]:
+        raise ConfigError("config: auth.backend = \"htpasswd\" needs auth.htpasswd_file "
+                          "(create it with `webproxy user add NAME`)")
+    if backend == "ldap" and not (auth["ldap_url"] and auth["ldap_base"]):
+        raise ConfigError("config: auth.backend = \"ldap\" needs auth.ldap_url and auth.ldap_base")
+    if sections["transparent"]["listen"] and not auth["exempt_clients"]:
+        raise ConfigError("config: auth cannot challenge transparently redirected clients (they do not know "
+                          "about the proxy); list their networks in auth.exempt_clients, or turn auth off")
 
 
 def load(path: str | None) -> Config:
