@@ -166,6 +166,9 @@ class ClientConnection(asyncio.Protocol):
         self.upgrade_rest: bytes | None = None
         self.response_started = False
         self.denied = False
+        # The user a CONNECT on this connection authenticated as (webproxy.authpolicy.Identity):
+        # requests inside an intercepted tunnel carry no Proxy-Authorization and inherit it.
+        self.user: Any = None
         self.served = 0
         self._admitted = False
         self._paused: set[str] = set()
