@@ -1,4 +1,4 @@
-"""The `webproxy` command: run, tunnel, purge, cache stats.
+"""The `webproxy` command: run, tunnel, purge, cache stats, user.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `main(args) -> int`;
 this file only dispatches and turns expected failures into one line and exit code 2.
@@ -19,6 +19,7 @@ COMMANDS = {
     "tunnel": ("webproxy.cmd_tunnel", "forward a TCP port to one or more upstreams"),
     "purge": ("webproxy.cmd_cache", "remove URLs from the cache"),
     "cache": ("webproxy.cmd_cache", "cache administration (stats)"),
+    "user": ("webproxy.cmd_user", "proxy users of the htpasswd file (add, remove, list)"),
 }
 
 
