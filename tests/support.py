@@ -5,8 +5,10 @@ h11 (an independent, strict HTTP parser)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import io
 import os
 import select
 import signal
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -523,3 +526,52 @@ class MethodEchoOrigin:
 
     def stop(self) -> None:
         self.sock.close()
+
+
+def tiny_wheel() -> tuple[str, bytes]:
+    """A minimal valid wheel, built in memory (no build backend, no network)."""
+    name = "webproxy_probe-1.0-py3-none-any.whl"
+    files = {
+        "webproxy_probe/__init__.py": b"VALUE = 42\n",
+        "webproxy_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: webproxy-probe\nVersion: 1.0\n",
+        "webproxy_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append("webproxy_probe-1.0.dist-info/RECORD,,")
+    files["webproxy_probe-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return name, buf.getvalue()
+
+
+def package_index(o: Origin) -> tuple[str, bytes]:
+    """Routes on `o` (before start()) for a one-package simple index (PEP 503) at /simple/ serving
+    tiny_wheel(); returns (file name, wheel bytes)."""
+    name, wheel = tiny_wheel()
+    sha = hashlib.sha256(wheel).hexdigest()
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=f'<a href="/files/{name}#sha256={sha}">{name}</a>', content_type="text/html",
+                            headers={"Cache-Control": "max-age=600"})
+
+    async def file(request: web.Request) -> web.Response:
+        return web.Response(body=wheel, content_type="application/octet-stream",
+                            headers={"Cache-Control": "max-age=86400"})
+
+    o.route("GET", "/simple/webproxy-probe/", index)
+    o.route("GET", f"/files/{name}", file)
+    return name, wheel
+
+
+def pip_download(proxy_url: str, index_url: str, dest: Path) -> subprocess.CompletedProcess[str]:
+    """The real pip fetching webproxy-probe from `index_url` through `proxy_url` (which may carry
+    user:password@) into `dest`."""
+    return subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--proxy", proxy_url,
+                           "--index-url", index_url, "--trusted-host", "127.0.0.1", "-d", str(dest),
+                           "webproxy-probe"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""})

@@ -3,64 +3,22 @@ the origin connect timeout a user would hit with a dead server."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import os
 import socket
 import subprocess
 import sys
-import zipfile
 
-from aiohttp import web
-
-from tests.support import curl
-
-
-def tiny_wheel() -> tuple[str, bytes]:
-    """A minimal valid wheel, built in memory (no build backend, no network)."""
-    name = "webproxy_probe-1.0-py3-none-any.whl"
-    files = {
-        "webproxy_probe/__init__.py": b"VALUE = 42\n",
-        "webproxy_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: webproxy-probe\nVersion: 1.0\n",
-        "webproxy_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append("webproxy_probe-1.0.dist-info/RECORD,,")
-    files["webproxy_probe-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for path, data in files.items():
-            z.writestr(path, data)
-    return name, buf.getvalue()
+from tests.support import curl, package_index, pip_download
 
 
 def test_pip_download_through_the_proxy_is_cached(make_proxy, make_origin, tmp_path):
-    name, wheel = tiny_wheel()
-    sha = hashlib.sha256(wheel).hexdigest()
     o = make_origin()
-
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=f'<a href="/files/{name}#sha256={sha}">{name}</a>', content_type="text/html",
-                            headers={"Cache-Control": "max-age=600"})
-
-    async def file(request: web.Request) -> web.Response:
-        return web.Response(body=wheel, content_type="application/octet-stream",
-                            headers={"Cache-Control": "max-age=86400"})
-
-    o.route("GET", "/simple/webproxy-probe/", index)
-    o.route("GET", f"/files/{name}", file)
+    name, wheel = package_index(o)
     o.start()
     p = make_proxy({"refresh": {"enabled": False}})
     for i in range(2):
         dest = tmp_path / f"d{i}"
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--proxy", p.url,
-                            "--index-url", o.url("/simple/"), "--trusted-host", "127.0.0.1", "-d", str(dest),
-                            "webproxy-probe"], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""})
+        r = pip_download(p.url, o.url("/simple/"), dest)
         assert r.returncode == 0, r.stdout + r.stderr
         assert (dest / name).read_bytes() == wheel
     assert o.hits[f"/files/{name}"] == 1  # the second pip got the wheel from the proxy's cache
