@@ -80,6 +80,8 @@ def parse_basic(value: str) -> Credentials | str:
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "basic":
         return f"the {scheme[:20]!r} scheme is not supported, only Basic"
+    if not token.strip():
+        return "the Basic credentials are empty"
     try:
         raw = base64.b64decode(token.strip(), validate=True)
     except (binascii.Error, ValueError):
