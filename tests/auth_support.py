@@ -5,15 +5,17 @@ directory of users and groups."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import bcrypt
 
-from tests.support import free_port
+from tests.support import ROOT, free_port
 
 SLAPD = "/usr/sbin/slapd"
 SUFFIX = "dc=example,dc=org"
@@ -27,6 +29,12 @@ def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
     """bcrypt entries at the lowest cost (4): the tests check the format, not the hashing speed."""
     path.write_text("".join(f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()}\n" for u, p in users.items()))
     return path
+
+
+def user_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`webproxy user ARGS...` from this checkout, with `stdin` (for --password-stdin)."""
+    return subprocess.run([sys.executable, "-m", "webproxy", "user", *args], input=stdin, capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def basic(user: str, password: str) -> str:

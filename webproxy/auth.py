@@ -46,6 +46,7 @@ class Refusal:
     status: int  # 407 (credentials), 403 (a rule), 503 (the directory is down)
     message: str
     headers: list[tuple[str, str]]
+    user: Identity | None = None  # a known user refused by a rule (the access log names it)
 
 
 class AuthGate:
@@ -164,7 +165,7 @@ class AuthGate:
         assert who is not None
         why = rule_refusal(who, self.rules, host, port, connect)
         if why:
-            return Refusal(403, why, [])
+            return Refusal(403, why, [], who)
         return who
 
     async def verify_in_thread(self, user: str, password: str) -> frozenset[str] | None:

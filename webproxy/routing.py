@@ -192,6 +192,7 @@ class Router:
             who = await self._authenticate(conn, req, routed)
             if isinstance(who, Refusal):
                 ex.code = logcodes.DENIED
+                ex.user = who.user.log_name if who.user is not None else "-"
                 return self.answers.error(rw, ex, who.status, who.message, extra=who.headers)
             ex.user = who.log_name
             if r is Route.CONNECT and who is not ANONYMOUS:
