@@ -151,7 +151,7 @@ class AuthGate:
             user = step.credentials.user
             try:
                 groups = await self.verify_in_thread(user, step.credentials.password)
-            except DirectoryDown as e:
+            except Exception as e:  # DirectoryDown, or a backend bug: closed either way, never a 500
                 self.log_error(f"auth: cannot check the password of {user[:64]!r}: {e}", "error")
                 return Refusal(503, "the proxy cannot check passwords right now (its user directory is not "
                                "answering); try again later", [])

@@ -8,6 +8,7 @@ when the password is right, None when it is not, and raises DirectoryDown when i
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import ssl
 from dataclasses import dataclass
@@ -175,6 +176,8 @@ class Ldap:
         if not url.startswith(("ldap://", "ldaps://")):
             raise ConfigError(f"auth.ldap_url {url!r} must start with ldap:// or ldaps://")
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=section["ldap_ca_file"] or None)
+        # ldap3 packs the receive timeout into SO_RCVTIMEO as whole seconds.
+        self.receive_timeout = max(1, math.ceil(section["ldap_timeout"])) if section["ldap_timeout"] else None
         self.server = ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls,
                                    connect_timeout=section["ldap_timeout"] or None, get_info=ldap3.NONE)
 
@@ -186,7 +189,7 @@ class Ldap:
 
     def _connect(self, dn: str | None, password: str | None) -> ldap3.Connection:
         conn = ldap3.Connection(self.server, user=dn, password=password, read_only=True,
-                                receive_timeout=self.s["ldap_timeout"] or None, auto_referrals=False)
+                                receive_timeout=self.receive_timeout, auto_referrals=False)
         conn.open()
         if self.s["ldap_starttls"] and not self.server.ssl and not conn.start_tls():
             raise DirectoryDown(f"StartTLS with {self.s['ldap_url']} failed: {conn.result.get('description')}")
@@ -228,7 +231,7 @@ class Ldap:
                     value = e["attributes"].get(s["ldap_group_attribute"])
                     groups.update(value if isinstance(value, list) else [value] if value else [])
             return frozenset(str(g) for g in groups)
-        except LDAPException as e:
+        except (LDAPException, OSError) as e:
             raise DirectoryDown(f"{type(e).__name__}: {e}") from None
         finally:
             if service is not None:
