@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=""
   # socat + gophernicus: the gopher tests' server; ip: network namespaces (transparent, SOCKS reply codes);
-  # node: the PAC tests; chromium: the status page screenshot
-  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps socat:socat gophernicus:gophernicus node:nodejs chromium:chromium; do
+  # node: the PAC tests; chromium: the status page screenshot; slapd + ldapadd: the LDAP auth tests
+  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps socat:socat gophernicus:gophernicus node:nodejs chromium:chromium slapd:slapd ldapadd:ldap-utils; do
     command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
   done
   if [ -n "$need" ]; then
