@@ -48,7 +48,7 @@ def start_auth_proxy(tmp, origin_port: int, socks_port: int = 0, **auth) -> Prox
 def authproxy(tmp_path_factory, origin):
     tmp = tmp_path_factory.mktemp("authproxy")
     socks_port = free_port()
-    p = start_auth_proxy(tmp, origin.port, socks_port=socks_port)
+    p = start_auth_proxy(tmp, origin.port, socks_port=socks_port, exempt_clients=["127.0.0.3/32"])
     p.socks_port = socks_port  # type: ignore[attr-defined]
     yield p
     p.stop()
@@ -214,6 +214,15 @@ def test_socks5_username_password_uses_the_same_users(authproxy, origin):
     r = curl("--socks5", socks, origin.url("/text/socks"))
     assert r.returncode != 0
     assert origin.hits["/text/socks"] == 1
+
+
+def test_exempt_clients_need_no_credentials(authproxy, origin):
+    request = f"GET {origin.url('/text/exempt')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    assert status_of(raw_exchange(authproxy.port, request, source="127.0.0.3")) == 200
+    assert status_of(raw_exchange(authproxy.port, request, source="127.0.0.4")) == 407
+    lines = lines_with(authproxy, "/text/exempt", 2)
+    assert [(fields(x)[2], fields(x)[3], fields(x)[7]) for x in lines] == [
+        ("127.0.0.3", "TCP_MISS/200", "-"), ("127.0.0.4", "TCP_DENIED/407", "-")]
 
 
 def test_the_status_page_needs_no_credentials(authproxy):

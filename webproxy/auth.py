@@ -119,16 +119,18 @@ class AuthGate:
             return None
         return entry[1]
 
-    def known(self, ip: str, header: str | None, inherited: Identity | None, host: str, port: int) -> Identity | None:
-        """The parser-callback path: who this is when that can be told without verifying, and
-        the user's rule lets it through; None sends the request to `check` (in the serve task)."""
+    def known(self, ip: str, header: str | None, inherited: Identity | None, host: str, port: int,
+              connect: bool = False) -> Identity | None:
+        """Who this is when that can be told without verifying (exempt, inherited, remembered) and
+        the user's rule lets it through; None: ask `check` (which may verify, refuse, or delay).
+        The parser-callback path asks only this; the serve task asks it first too."""
         if self.exempt(ip):
             return ANONYMOUS
         if header is None:
             who = inherited
         else:
             who = self._remembered(credential_key(header, self._secret))
-        if who is None or rule_refusal(who, self.rules, host, port, False):
+        if who is None or rule_refusal(who, self.rules, host, port, connect):
             return None
         return who
 

@@ -222,6 +222,9 @@ class Router:
                 pass  # the CONNECT handler answers 400 once the client is known
         elif conn.transparent_dst is not None:
             host, port = conn.transparent_dst
-        return await self.auth.check(conn.client_ip, get_header(req.headers, "proxy-authorization"), conn.user,
-                                     host, port, connect=routed.route is Route.CONNECT,
-                                     transparent=conn.transparent_dst is not None)
+        header = get_header(req.headers, "proxy-authorization")
+        connect, transparent = routed.route is Route.CONNECT, conn.transparent_dst is not None
+        # Remembered credentials (the common case) are settled here, without the verifying path.
+        who = None if transparent else self.auth.known(conn.client_ip, header, conn.user, host, port, connect)
+        return who if who is not None else await self.auth.check(conn.client_ip, header, conn.user, host, port,
+                                                                 connect, transparent)
