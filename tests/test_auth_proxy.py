@@ -122,6 +122,14 @@ def test_malformed_proxy_authorization_gets_407_and_the_connection_goes_on(authp
     assert origin.hits["/text/malformed"] == 0
 
 
+def test_a_refused_request_with_a_body_gets_407_and_connection_close(authproxy, origin):
+    body = b"x" * 1000
+    out = raw_exchange(authproxy.port, f"POST {origin.url('/upload')} HTTP/1.1\r\nHost: x\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert status_of(out) == 407 and b"\r\nConnection: close\r\n" in out
+    assert origin.hits["/upload"] == 0
+
+
 def test_proxy_authorization_is_never_forwarded_to_the_origin(authproxy, origin):
     r = curl("-x", authproxy.url, "--proxy-user", "alice:secret", "-H", "Authorization: Bearer for-the-origin",
              origin.url("/echo/auth"))

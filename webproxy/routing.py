@@ -193,7 +193,9 @@ class Router:
             if isinstance(who, Refusal):
                 ex.code = logcodes.DENIED
                 ex.user = who.user.log_name if who.user is not None else "-"
-                return self.answers.error(rw, ex, who.status, who.message, extra=who.headers)
+                # A request body is not read for a refusal: the connection cannot go on after it.
+                return self.answers.error(rw, ex, who.status, who.message, close=req.body is not None,
+                                          extra=who.headers)
             ex.user = who.log_name
             if r is Route.CONNECT and who is not ANONYMOUS:
                 conn.user = who  # inner requests of an intercepted tunnel carry no credentials
