@@ -302,11 +302,12 @@ def test_non_bcrypt_hash_is_refused_at_start_in_one_line(tmp_path):
     conf = tmp_path / "p.toml"
     conf.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n[cache]\nenabled = false\n'
                     f'[auth]\nbackend = "htpasswd"\nhtpasswd_file = "{users}"\n')
-    r = run_cli("run", "-c", str(conf))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert str(users) in lines[0] and "line 2" in lines[0] and "only bcrypt" in lines[0]
+    for args in (("run", "-c", str(conf)), ("run", "--check", "-c", str(conf))):
+        r = run_cli(*args)
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert str(users) in lines[0] and "line 2" in lines[0] and "only bcrypt" in lines[0]
 
 
 def test_auth_with_transparent_listeners_needs_exempt_clients(tmp_path):
