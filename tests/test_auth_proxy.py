@@ -238,7 +238,7 @@ def test_the_status_page_needs_no_credentials(authproxy):
     assert r.stdout == b"200"
 
 
-def test_revoked_user_is_refused_at_once_after_sighup(make_proxy, origin, tmp_path):
+def test_revoked_user_is_refused_at_once_after_sighup(origin, tmp_path):
     p = start_auth_proxy(tmp_path, origin.port)
     try:
         assert curl("-x", p.url, "--proxy-user", "carol:c4rol", origin.url("/text/revoke")).stdout == b"hello revoke\n"
@@ -258,7 +258,7 @@ def test_revoked_user_is_refused_at_once_after_sighup(make_proxy, origin, tmp_pa
         p.stop()
 
 
-def test_repeated_failures_from_one_address_are_slowed_without_slowing_others(make_proxy, origin, tmp_path):
+def test_repeated_failures_from_one_address_are_slowed_without_slowing_others(origin, tmp_path):
     p = start_auth_proxy(tmp_path, origin.port)
     try:
         started = time.monotonic()
