@@ -134,12 +134,14 @@ def slapd_skip_reason() -> str | None:
 
 class Slapd:
     """A real slapd on a free loopback port, its own slapd.conf and mdb database in `directory`,
-    loaded with DIRECTORY. With `cert` (a trustme LeafCert) it also offers StartTLS."""
+    loaded with DIRECTORY. With `cert` (a trustme LeafCert) it also offers StartTLS on `url`, and
+    LDAP over TLS on `ldaps_url`."""
 
     def __init__(self, directory: Path, cert: object | None = None) -> None:
         self.dir = directory
         self.port = free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
+        self.ldaps_url = f"ldaps://127.0.0.1:{free_port()}" if cert is not None else ""
         self.proc: subprocess.Popen[bytes] | None = None
         (directory / "db").mkdir(parents=True)
         tls = ""
@@ -157,7 +159,7 @@ class Slapd:
 
     def start(self) -> Slapd:
         self.log = open(self.dir / "slapd.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([SLAPD, "-f", str(self.dir / "slapd.conf"), "-h", f"{self.url}/", "-d", "0"],
+        self.proc = subprocess.Popen([SLAPD, "-f", str(self.dir / "slapd.conf"), "-h", " ".join(f"{u}/" for u in (self.url, self.ldaps_url) if u), "-d", "0"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:

@@ -82,6 +82,16 @@ def test_directory_groups_drive_the_rules(ldapproxy, origin):
     assert code(ldapproxy, url, "alice:wonderland") == ("200", "hello ldap-rule\n")  # staff: no rule applies
 
 
+def test_ldaps_with_the_directory_ca(tmp_path, slapd, ca, origin):
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    p = ldap_proxy(tmp_path, slapd.ldaps_url, str(tmp_path / "ca.pem"), ldap_starttls=False)
+    try:
+        assert code(p, origin.url("/text/ldaps"), "alice:wonderland") == ("200", "hello ldaps\n")
+        assert code(p, origin.url("/text/ldaps"), "alice:wrong")[0] == "407"
+    finally:
+        p.stop()
+
+
 def test_unreachable_directory_is_503_not_an_open_door(tmp_path, origin):
     p = ldap_proxy(tmp_path, f"ldap://127.0.0.1:{free_port()}")
     try:

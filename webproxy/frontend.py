@@ -169,6 +169,9 @@ class ClientConnection(asyncio.Protocol):
         # The user a CONNECT on this connection authenticated as (webproxy.authpolicy.Identity):
         # requests inside an intercepted tunnel carry no Proxy-Authorization and inherit it.
         self.user: Any = None
+        # (Proxy-Authorization value, its verdict-cache key) of this connection's last request: a
+        # client sends the same field every time, so it is hashed once per connection (webproxy.auth).
+        self.auth_seen: Any = None
         self.served = 0
         self._admitted = False
         self._paused: set[str] = set()

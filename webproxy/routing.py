@@ -141,7 +141,7 @@ class Router:
         user = ANONYMOUS
         if self.auth.on:
             user = self.auth.known(conn.client_ip, get_header(req.headers, "proxy-authorization"), conn.user,
-                                   routed.target.host, routed.target.port)
+                                   routed.target.host, routed.target.port, memo=conn)
             if user is None:  # to be verified, or refused: the serve task answers
                 return False
         rw = ResponseWriter(conn, req)
@@ -227,6 +227,6 @@ class Router:
         header = get_header(req.headers, "proxy-authorization")
         connect, transparent = routed.route is Route.CONNECT, conn.transparent_dst is not None
         # Remembered credentials (the common case) are settled here, without the verifying path.
-        who = None if transparent else self.auth.known(conn.client_ip, header, conn.user, host, port, connect)
+        who = None if transparent else self.auth.known(conn.client_ip, header, conn.user, host, port, connect, conn)
         return who if who is not None else await self.auth.check(conn.client_ip, header, conn.user, host, port,
-                                                                 connect, transparent)
+                                                                 connect, transparent, conn)
