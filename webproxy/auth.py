@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,6 +63,7 @@ class AuthGate:
         self._verdicts: dict[bytes, tuple[float, Identity]] = {}
         self._failures: dict[str, tuple[int, float]] = {}
         self._exempt: dict[str, bool] = {}
+        self._inflight: dict[bytes, asyncio.Future[frozenset[str] | None]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self.backend: Backend | None = None
         self.configure(section)
@@ -86,6 +87,7 @@ class AuthGate:
     def forget(self) -> None:
         self._verdicts.clear()
         self._exempt.clear()
+        self._inflight.clear()  # answers of the users read before are not shared with new requests
 
     def tick(self) -> None:
         """Once a second: when the htpasswd (or groups) file changed on disk, use the new one."""
@@ -167,8 +169,9 @@ class AuthGate:
         if step.kind is Kind.VERIFY:
             assert step.credentials is not None
             user = step.credentials.user
+            backend = self.backend
             try:
-                groups = await self.verify_in_thread(user, step.credentials.password)
+                groups = await self._verify_once(key, user, step.credentials.password)
             except Exception as e:  # DirectoryDown, or a backend bug: closed either way, never a 500
                 self.log_error(f"auth: cannot check the password of {user[:64]!r}: {e}", "error")
                 return Refusal(503, "the proxy cannot check passwords right now (its user directory is not "
@@ -177,7 +180,8 @@ class AuthGate:
                 await self._failed(ip, user, "wrong user name or password")
                 return Refusal(407, "proxy authentication required: wrong user name or password", self.challenge)
             who = identity(user, groups)
-            self._remember(key, who)
+            if self.backend is backend:  # not when the users were re-read meanwhile (a revocation)
+                self._remember(key, who)
         else:
             who = step.user
         assert who is not None
@@ -185,6 +189,15 @@ class AuthGate:
         if why:
             return Refusal(403, why, [], who)
         return who
+
+    def _verify_once(self, key: bytes, user: str, password: str) -> Awaitable[frozenset[str] | None]:
+        """One verification per credentials at a time: a browser opening six connections at once
+        (or a load generator fifty) with the same field waits for one bcrypt or LDAP answer."""
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = self._inflight[key] = asyncio.ensure_future(self.verify_in_thread(user, password))
+            pending.add_done_callback(lambda done: self._inflight.get(key) is done and self._inflight.pop(key))
+        return asyncio.shield(pending)  # one waiter that goes away does not cancel the others' answer
 
     async def verify_in_thread(self, user: str, password: str) -> frozenset[str] | None:
         """The backend's verdict, computed in the auth threads. Raises DirectoryDown."""
