@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import bcrypt
-import ldap3
-from ldap3.core.exceptions import LDAPException
-from ldap3.utils.conv import escape_filter_chars
 
 from webproxy.authpolicy import BCRYPT_MAX, BCRYPT_PREFIXES
 from webproxy.config import ConfigError
@@ -171,6 +168,14 @@ class Ldap:
     for the groups naming that DN. TLS (ldaps:// or StartTLS) always verifies the certificate."""
 
     def __init__(self, section: dict[str, Any]) -> None:
+        # Imported here: ldap3 takes 0.1-0.2 s to import, which every `webproxy` command and every
+        # proxy without LDAP would pay.
+        import ldap3
+        from ldap3.core.exceptions import LDAPException
+        from ldap3.utils.conv import escape_filter_chars
+
+        self.ldap3, self.escape = ldap3, escape_filter_chars
+        self.failures = (LDAPException, OSError)
         self.s = section
         url = section["ldap_url"]
         if not url.startswith(("ldap://", "ldaps://")):
@@ -187,8 +192,8 @@ class Ldap:
     def seen(self) -> None:
         pass
 
-    def _connect(self, dn: str | None, password: str | None) -> ldap3.Connection:
-        conn = ldap3.Connection(self.server, user=dn, password=password, read_only=True,
+    def _connect(self, dn: str | None, password: str | None) -> Any:
+        conn = self.ldap3.Connection(self.server, user=dn, password=password, read_only=True,
                                 receive_timeout=self.receive_timeout, auto_referrals=False)
         conn.open()
         if self.s["ldap_starttls"] and not self.server.ssl and not conn.start_tls():
@@ -207,8 +212,8 @@ class Ldap:
             if s["ldap_bind_dn"] and not service.bind():
                 raise DirectoryDown(f"the directory refused the service bind as {s['ldap_bind_dn']} "
                                     "(check auth.ldap_bind_dn and auth.ldap_bind_password)")
-            service.search(s["ldap_base"], s["ldap_user_filter"].format(user=escape_filter_chars(user)),
-                           search_scope=ldap3.SUBTREE, attributes=[], size_limit=2)
+            service.search(s["ldap_base"], s["ldap_user_filter"].format(user=self.escape(user)),
+                           search_scope=self.ldap3.SUBTREE, attributes=[], size_limit=2)
             found = [e["dn"] for e in service.response or [] if e.get("type") == "searchResEntry"]
             if len(found) != 1:
                 return None
@@ -223,15 +228,15 @@ class Ldap:
                 with contextlib.suppress(Exception):
                     as_user.unbind()
             service.search(s["ldap_group_base"] or s["ldap_base"],
-                           s["ldap_group_filter"].format(dn=escape_filter_chars(dn), user=escape_filter_chars(user)),
-                           search_scope=ldap3.SUBTREE, attributes=[s["ldap_group_attribute"]])
+                           s["ldap_group_filter"].format(dn=self.escape(dn), user=self.escape(user)),
+                           search_scope=self.ldap3.SUBTREE, attributes=[s["ldap_group_attribute"]])
             groups: set[str] = set()
             for e in service.response or []:
                 if e.get("type") == "searchResEntry":
                     value = e["attributes"].get(s["ldap_group_attribute"])
                     groups.update(value if isinstance(value, list) else [value] if value else [])
             return frozenset(str(g) for g in groups)
-        except (LDAPException, OSError) as e:
+        except self.failures as e:
             raise DirectoryDown(f"{type(e).__name__}: {e}") from None
         finally:
             if service is not None:
