@@ -235,16 +235,25 @@ class Bench:
 
     # --- origin -------------------------------------------------------------------------
 
-    def start_origin(self, workers: int = 1) -> Origin:
-        """nginx serving OBJECTS under /nocache/, /private/ and /cache/ (see module docstring)."""
+    def start_origin(self, workers: int = 1, locations: str | None = None,
+                     files: dict[str, bytes] | None = None) -> Origin:
+        """nginx serving OBJECTS under /nocache/, /private/ and /cache/ (see module docstring); or,
+        given `locations` (nginx location blocks), those over `files` (name: bytes) in its root."""
         d = self.dir / "nginx"
         www = d / "www"
         for loc in ("nocache", "private", "cache"):
             (www / loc).mkdir(parents=True, exist_ok=True)
-        for name, fname in OBJECT_PATHS.items():
+        for name, fname in OBJECT_PATHS.items() if files is None else ():
             body = object_body(name)
             for loc in ("nocache", "private", "cache"):
                 (www / loc / fname).write_bytes(body)
+        for fname, body in (files or {}).items():
+            (www / fname).write_bytes(body)
+        if locations is None:
+            locations = """
+        location /nocache/ { add_header Cache-Control "no-store" always; }
+        location /private/ { add_header Cache-Control "private" always; }
+        location /cache/   { add_header Cache-Control "max-age=3600" always; }"""
         (d / "tmp").mkdir(exist_ok=True)
         port = free_port()
         conf = d / "nginx.conf"
@@ -271,10 +280,7 @@ http {{
     keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        root {www};
-        location /nocache/ {{ add_header Cache-Control "no-store" always; }}
-        location /private/ {{ add_header Cache-Control "private" always; }}
-        location /cache/   {{ add_header Cache-Control "max-age=3600" always; }}
+        root {www};{locations}
     }}
 }}
 """)
@@ -283,12 +289,14 @@ http {{
 
     # --- proxies ------------------------------------------------------------------------
 
-    def start_squid(self, origin: Origin, cache: bool, extra_conf: str = "") -> Peer:
+    def start_squid(self, origin: Origin, cache: bool, extra_conf: str = "", name: str | None = None) -> Peer:
         """Squid with `cache deny all` (cache=False) or a memory + ufs disk cache (cache=True).
 
-        `extra_conf` is appended to squid.conf (later directives override earlier ones).
+        `extra_conf` is appended to squid.conf (later directives override earlier ones). `name`:
+        the peer's name when more than one Squid of a kind runs at once (a parent chain).
         """
-        name = "squid-cache" if cache else "squid"
+        default = "squid-cache" if cache else "squid"
+        name = name or default
         d = self.dir / name
         d.mkdir(exist_ok=True)
         port = free_port()
@@ -332,7 +340,7 @@ access_log none
             os.chown(p, uid.pw_uid, uid.pw_gid)
         # A per-run service name keeps our shared-memory segments and sockets apart from any
         # other Squid on the machine.
-        service = f"bench{os.getpid()}{'c' if cache else 'p'}"
+        service = f"bench{os.getpid()}{'c' if cache else 'p'}" + ("" if name == default else name.replace("-", ""))
         argv = ["squid", "-N", "-n", service, "-f", str(conf)]
         if cache:
             z = subprocess.run([*argv, "-z"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)

@@ -113,6 +113,8 @@ def test_metrics_and_status_page_refused_to_non_admin_clients(make_proxy):
         assert status == 200 and b"webproxy" in body
     status, ctype, _ = get(p.port, "/proxy.pac")  # the PAC file is for every client
     assert status == 200 and ctype == "application/x-ns-proxy-autoconfig"
+    status, _, body = get(p.port, "/health")  # a load balancer's check (conf/haproxy-fleet.cfg): every client
+    assert (status, body) == (200, b"ok\n")
     assert "TCP_DENIED/403" in p.access_lines(wait_for=1)[0]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from webproxy import authbackends, config, logfiles, server, service
+from tunnel.netaddr import is_local_address
+from webproxy import authbackends, config, logfiles, parents, server, service
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,7 @@ def main(args: argparse.Namespace) -> int:
         # What starting would find wrong before binding: log paths, the htpasswd file, server.user, the
         # pid file's directory.
         logfiles.check(cfg)
+        parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
         authbackends.build(cfg.auth)  # the htpasswd (and groups) file read as the proxy will
         service.identity(cfg)
         if cfg.server["pid_file"]:

@@ -79,6 +79,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "pool_size_per_host": ("int", 0),
         "keepalive_timeout": ("float", 30.0),
         "dns_ttl": ("float", 60.0),
+        "parent": ("tables:parent", []),
+        "never_direct": ("bool", False),
+        "always_direct": ("strs", []),
+        "parent_selection": ("choice:first-up,weighted", "first-up"),
+        "parent_down_time": ("float", 30.0),
     },
     "log": {
         "access_log": ("str", "-"),
@@ -174,14 +179,20 @@ RESTART_KEYS = {"server.listen", "server.workers", "server.user", "server.group"
 
 # Tables that a section holds as a list (`[[upstream.parent]]`, `[[auth.rule]]`): a key of kind
 # "tables:NAME" in SCHEMA; each entry is checked against TABLE_SCHEMA[NAME].
-TABLE_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
-    "auth_rule": {
-        "name": ("str", ""),
-        "groups": ("strs", []),
-        "allow_domains": ("strs", []),
-        "deny_domains": ("strs", []),
-        "connect_ports": ("ints", []),
-    },
+TABLE_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {}
+TABLE_SCHEMA["parent"] = {  # webproxy.parents
+    "address": ("addr", None),
+    "username": ("str", ""),
+    "password": ("str", ""),
+    "domains": ("strs", []),
+    "weight": ("int", 1),
+}
+TABLE_SCHEMA["auth_rule"] = {  # webproxy.authpolicy
+    "name": ("str", ""),
+    "groups": ("strs", []),
+    "allow_domains": ("strs", []),
+    "deny_domains": ("strs", []),
+    "connect_ports": ("ints", []),
 }
 
 # Sections that are lists of tables; each entry is checked against its own schema.

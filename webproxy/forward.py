@@ -27,6 +27,7 @@ from webproxy.httpmsg import (
 )
 from webproxy.metrics import TALLY
 from webproxy.origin import HttpOriginResponse, Opener, OriginResponse
+from webproxy.parentpath import ParentPath
 from webproxy.upstream import Informational, Upstream
 
 ALLOW_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE, CONNECT"
@@ -106,11 +107,13 @@ class CacheHandler(Protocol):
 
 
 class HttpForwarder:
-    def __init__(self, env: Env, answers: Answers, upstream: Upstream, resolve: Resolver) -> None:
+    def __init__(self, env: Env, answers: Answers, upstream: Upstream, resolve: Resolver,
+                 parents: ParentPath | None = None) -> None:
         self.env = env
         self.answers = answers
         self.upstream = upstream
         self.resolve = resolve
+        self.parents = parents if parents is not None else ParentPath(env, upstream, resolve)
         self.cache: CacheHandler | None = None  # set when the cache is on
 
     def request_headers(self, req: Request, target: Target, client_ip: str) -> Headers:
@@ -155,7 +158,7 @@ class HttpForwarder:
         body: AsyncIterator[bytes] | None = req.body.stream() if req.body is not None else None
         interim = interim_writer(conn) if conn is not None and req.version == "1.1" else None
         oresp = await self.open(method or req.method, target, headers, body, interim)
-        ex.hierarchy = logcodes.hier_direct(oresp.peer or target.host)
+        ex.hierarchy = oresp.hierarchy or logcodes.hier_direct(oresp.peer or target.host)
         return oresp
 
     async def open(self, method: str, target: Target, headers: Headers,
@@ -165,11 +168,19 @@ class HttpForwarder:
         upstream.active += 1
         sent = time.monotonic()
         try:
-            resp = await upstream.request(method, target, headers, body, informational)
+            plan = self.parents.plan(target.host, intercepted=target.connect is not None)
+            if plan.direct_only:
+                resp = HttpOriginResponse(await upstream.request(method, target, headers, body, informational))
+            else:
+                async def direct() -> HttpOriginResponse:
+                    return HttpOriginResponse(await upstream.request(method, target, headers, body, informational))
+
+                resp, resp.hierarchy = await self.parents.fetch(plan, method, target, headers, direct,
+                                                                body, informational)
         finally:
             upstream.active -= 1
         TALLY.fetched(time.monotonic() - sent)
-        return HttpOriginResponse(resp)
+        return resp
 
     def opener_for(self, target: Target) -> Opener:
         """Fetches with no client request behind them (background refresh): exactly the fields

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from webproxy import logcodes
 from webproxy.context import Env
@@ -23,6 +24,7 @@ from webproxy.ftp import FtpResponse, FtpTransferError, fetch
 from webproxy.ftppool import FtpPool
 from webproxy.httpmsg import Headers, Target, get_header
 from webproxy.origin import Opener, OriginResponse
+from webproxy.parentpath import ParentPath
 
 
 class FtpOriginResponse(OriginResponse):
@@ -53,9 +55,10 @@ class FtpOriginResponse(OriginResponse):
 
 
 class FtpGate:
-    def __init__(self, env: Env, answers: Answers, resolver: Resolver) -> None:
+    def __init__(self, env: Env, answers: Answers, resolver: Resolver, parents: ParentPath) -> None:
         self.env = env
         self.answers = answers
+        self.parents = parents
         self.resolve = resolver.resolve  # the destination check (access.deny_destinations)
         self.pool = FtpPool(env.cfg.ftp, resolve=resolver.address)  # the shared DNS cache
         self.cache: CacheHandler | None = None  # set when the cache is on
@@ -68,9 +71,16 @@ class FtpGate:
         return int(cfg.ftp["default_ttl"])
 
     async def open(self, url: str, ex: Exchange | None, target: Target, method: str, headers: Headers) -> OriginResponse:
-        resp = FtpOriginResponse(await fetch(url, method, headers, self.pool), method)
+        # Through a parent, the URI carries the credentials as the client wrote them.
+        named = replace(target, authority=f"{target.userinfo}@{target.authority}") if target.userinfo else target
+        resp, hierarchy = await self.parents.gateway(target, method, headers, self.answers.via("1.1"),
+                                                     lambda: self.direct(url, target, method, headers), named)
         if ex is not None:
-            ex.hierarchy = logcodes.hier_direct(target.host)
+            ex.hierarchy = hierarchy or logcodes.hier_direct(target.host)
+        return resp
+
+    async def direct(self, url: str, target: Target, method: str, headers: Headers) -> OriginResponse:
+        resp = FtpOriginResponse(await fetch(url, method, headers, self.pool), method)
         if resp.status == 200 and resp.header("cache-control") is None:
             resp.headers.append(("Cache-Control", f"max-age={self.freshness(resp, time.time())}"))
         return resp

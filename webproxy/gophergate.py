@@ -15,20 +15,28 @@ from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.gopher import fetch
 from webproxy.httpmsg import Headers, Target
 from webproxy.origin import Opener, OriginResponse
+from webproxy.parentpath import ParentPath
 
 
 class GopherGate:
-    def __init__(self, env: Env, answers: Answers, resolve: Resolver) -> None:
+    def __init__(self, env: Env, answers: Answers, resolve: Resolver, parents: ParentPath) -> None:
         self.env = env
         self.answers = answers
+        self.parents = parents
         self.resolve = resolve
         self.cache: CacheHandler | None = None  # set when the cache is on
 
-    async def open(self, ex: Exchange | None, target: Target, method: str) -> OriginResponse:
+    async def open(self, ex: Exchange | None, target: Target, method: str, headers: Headers) -> OriginResponse:
+        # `headers` (validators) only matter through a parent: a gopher server takes a selector.
+        resp, hierarchy = await self.parents.gateway(target, method, headers, self.answers.via("1.1"),
+                                                     lambda: self.direct(target, method))
+        if ex is not None:
+            ex.hierarchy = hierarchy or logcodes.hier_direct(target.host)
+        return resp
+
+    async def direct(self, target: Target, method: str) -> OriginResponse:
         cfg = self.env.cfg.gopher
         resp = await fetch(target, method, timeout=cfg["timeout"], resolve=self.resolve)
-        if ex is not None:
-            ex.hierarchy = logcodes.hier_direct(target.host)
         if resp.status == 200 and resp.header("cache-control") is None:
             resp.headers.append(("Cache-Control", f"max-age={int(cfg['default_ttl'])}"))
         return resp
@@ -36,7 +44,7 @@ class GopherGate:
     def opener_for(self, target: Target) -> Opener:
         """Fetches with no client request behind them (background refresh)."""
         async def gopher_opener(method: str, headers: Headers) -> OriginResponse:
-            return await self.open(None, target, method)
+            return await self.open(None, target, method, headers)
 
         return gopher_opener
 
@@ -47,6 +55,6 @@ class GopherGate:
             return self.answers.deny(rw, ex, *refused)
 
         async def opener(method: str, hdrs: Headers) -> OriginResponse:
-            return await self.open(ex, target, method)
+            return await self.open(ex, target, method, hdrs)
 
         return await through_cache(self.cache, self.answers, conn, req, rw, ex, target, [], opener)

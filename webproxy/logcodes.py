@@ -35,6 +35,17 @@ def hier_direct(peer: str) -> str:
     return f"HIER_DIRECT/{peer}"
 
 
+# Through a parent proxy (webproxy.parents): the first up in config order, the only candidate, or
+# chosen by hash (Squid's hier_code names; the peer is the parent's host as configured).
+FIRSTUP_PARENT = "FIRSTUP_PARENT"
+DEFAULT_PARENT = "DEFAULT_PARENT"
+CARP = "CARP"
+
+
+def hier_parent(code: str, host: str) -> str:
+    return f"{code}/{host}"
+
+
 def aborted(code: str) -> str:
     """`code` marked as cut short (idempotent); an undecided request counts as a miss."""
     if code.endswith(ABORTED_SUFFIX):

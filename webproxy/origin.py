@@ -22,6 +22,7 @@ class OriginResponse:
     length: int | None
     version: str = "1.1"
     peer: str | None = None
+    hierarchy: str | None = None  # the access log's hierarchy field when a parent proxy answered
 
     def chunks(self) -> AsyncIterator[bytes]:
         raise NotImplementedError

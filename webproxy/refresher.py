@@ -13,7 +13,7 @@ exits another worker takes over.
 
 Access log: one line per refresh, client "-", code TCP_ACTIVE_REFRESH_UNMODIFIED (304: freshness
 extended), TCP_ACTIVE_REFRESH_MODIFIED (new body stored) or TCP_ACTIVE_REFRESH_FAIL (entry left
-as it was), hierarchy HIER_DIRECT/host. Counters (`webproxy cache stats`): refreshes,
+as it was), hierarchy HIER_DIRECT/host (or the parent proxy's, as for client requests). Counters (`webproxy cache stats`): refreshes,
 refresh_304, refresh_replaced, refresh_failed, refresh_hits (client uses of an entry while the
 freshness a refresh gave it lasted, as seen through the store's batched use counts).
 """
@@ -244,13 +244,13 @@ class Refresher:
         status = 0
         start = time.time()
         outcome = conditional.FORWARD_ERROR
-        target_host = "-"
+        hierarchy = logcodes.hier_direct("-")
         try:
             target, opener = self.server.opener_for(url)
-            target_host = target.host
+            hierarchy = logcodes.hier_direct(target.host)
 
             async def timed_opener(method: str, fields: Any) -> Any:
-                nonlocal status
+                nonlocal status, hierarchy
                 t0 = time.monotonic()
                 self.fetching += 1
                 try:
@@ -259,6 +259,7 @@ class Refresher:
                     self.fetching -= 1
                 self.fetch_seconds[key] = time.monotonic() - t0
                 status = resp.status
+                hierarchy = resp.hierarchy or hierarchy  # a parent proxy's name when one answered
                 return resp
 
             outcome = await self.layer.refresh(url, rq, c.stored, headers, timed_opener)
@@ -269,13 +270,13 @@ class Refresher:
         finally:
             self.running.discard(key)
         try:
-            self.finish(c, url, target_host, outcome, status, start)
+            self.finish(c, url, hierarchy, outcome, status, start)
             self.start_queued()
         except Exception as e:  # e.g. the store closing under a late refresh
             self.server.log_error(f"refresh of {url[:200]}: {e!r}")
         return outcome
 
-    def finish(self, c: rules.Candidate, url: str, host: str, outcome: str, status: int, start: float) -> None:
+    def finish(self, c: rules.Candidate, url: str, hierarchy: str, outcome: str, status: int, start: float) -> None:
         """Count, remember and log one refresh's outcome."""
         key = c.key
         now = self.clock()
@@ -300,7 +301,7 @@ class Refresher:
                     nbytes = head.body_size or 0
         ctype = get_one((head or c.stored).headers, "content-type")
         self.server.log_access(start, "-", logcodes.active_refresh(outcome), status, nbytes, "GET", url,
-                               logcodes.hier_direct(host), ctype)
+                               hierarchy, ctype)
 
 
 def attach(server: RefreshHost, layer: CacheLayer) -> Refresher | None:

@@ -16,12 +16,16 @@ from webproxy.frontend import Request, ResponseWriter
 from webproxy.httpmsg import get_header
 
 # path -> (page, admin_clients only). The status page names the busiest hosts: admin-only too.
+# /health is for a load balancer's checks (conf/haproxy-fleet.cfg): it reveals nothing, so any
+# allowed client may ask, and it costs no cache query (the status page counts the cache's entries,
+# an SQLite scan that grows with the cache, too much for a check every few seconds).
 ROUTES: dict[str, tuple[str, bool]] = {
     "/": ("status", True),
     "/status": ("status", True),
     "/metrics": ("metrics", True),
     "/proxy.pac": ("pac", False),
     "/wpad.dat": ("pac", False),
+    "/health": ("health", False),
 }
 SAMPLE_EVERY = 10.0  # seconds between hit-ratio samples
 TOP_HOSTS = 10
@@ -115,6 +119,8 @@ class SelfPages:
             return Page(200, metrics.CONTENT_TYPE, self.publisher.exposition(self.host.cache_stats))
         if kind == "pac":
             return Page(200, pac.CONTENT_TYPE, self.pac_text(req).encode())
+        if kind == "health":  # 503 above while starting; a stopping proxy no longer accepts
+            return Page(200, "text/plain; charset=utf-8", b"ok\n")
         return Page(200, "text/html; charset=utf-8", statuspage.render(self.snapshot(req)).encode())
 
     def pac_text(self, req: Request) -> str:

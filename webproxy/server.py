@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunnel.netaddr import is_local_address
-from webproxy import authbackends, logcodes, logfiles, metrics, service
+from webproxy import authbackends, logcodes, logfiles, metrics, parents, service
 from webproxy import config as config_mod
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
@@ -66,8 +66,8 @@ class ProxyServer:
         self.upstream = Upstream(cfg.upstream, self.resolver, head_limit=cfg.server["max_header_size"])
         self.answers = Answers(self)
         self.forwarder = HttpForwarder(self, self.answers, self.upstream, self.resolve)
-        self.ftp = FtpGate(self, self.answers, self.resolver)
-        self.gopher = GopherGate(self, self.answers, self.resolve)
+        self.ftp = FtpGate(self, self.answers, self.resolver, self.forwarder.parents)
+        self.gopher = GopherGate(self, self.answers, self.resolve, self.forwarder.parents)
         self.cache_layer: CacheLayer | None = None
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
@@ -76,7 +76,8 @@ class ProxyServer:
         except config_mod.ConfigError as e:
             raise StartupError(str(e)) from None
         self.router = Router(self, self.answers, self.forwarder,
-                             ConnectHandler(self, self.answers, self.resolve, self.release), self.ftp, self.gopher,
+                             ConnectHandler(self, self.answers, self.resolve, self.release, self.forwarder.parents),
+                             self.ftp, self.gopher,
                              TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access,
                              self.auth)
         self.servers: list[asyncio.AbstractServer] = []
@@ -276,6 +277,7 @@ class ProxyServer:
             return
         try:
             new = config_mod.load(self.cfg.path)
+            parents.check(new.upstream, self.listen_addrs, self.is_local_address)
             self.auth.configure(new.auth)  # users re-read (a revoked one is refused at once)
             # Both logs are opened before anything changes: a path that cannot be opened keeps the
             # running config whole, old log files included.
@@ -382,6 +384,7 @@ def prepare(cfg: config_mod.Config) -> service.Identity | None:
     """Everything that can be wrong before binding, each as one line (StartupError)."""
     try:
         logfiles.check(cfg)
+        parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
         authbackends.build(cfg.auth)  # a bad htpasswd file: one line naming the file and line
         ident = service.identity(cfg)
     except config_mod.ConfigError as e:

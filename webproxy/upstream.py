@@ -68,15 +68,22 @@ class Upstream:
 
     async def request(self, method: str, target: Target, headers: Headers,
                       body: AsyncIterator[bytes] | None = None,
-                      informational: Informational | None = None) -> UpstreamResponse:
+                      informational: Informational | None = None,
+                      parent: tuple[str, int] | None = None) -> UpstreamResponse:
         """Send the request to `target` (its `connect` address when set, else host and port) and
         return once the final response head is in. `headers` go out exactly as given; `body`
         is streamed (chunked unless the headers carry Content-Length). Interim 1xx responses go
-        to `informational` as they arrive. Raises UpstreamError."""
-        key = _dial(target)
-        label = f"{target.host}:{target.port}"
+        to `informational` as they arrive. `parent`: send it to that proxy instead, in absolute
+        form (RFC 9112 3.2.2), over the parent's own pooled connections. Raises UpstreamError."""
+        if parent is None:
+            key: tuple[str, int] | tuple[str, int, str] = _dial(target)
+            label = f"{target.host}:{target.port}"
+            path = target.path
+        else:
+            host = f"[{parent[0]}]" if ":" in parent[0] else parent[0]
+            key, label, path = (*parent, "parent"), f"parent proxy {host}:{parent[1]}", target.origin_url
         chunked = body is not None and not any(k.lower() == "content-length" for k, _ in headers)
-        head = serialize_request(method, target.path, headers, chunked)
+        head = serialize_request(method, path, headers, chunked)
         conn = await self._acquire(key, label, fresh=False)
         try:
             return await conn.exchange(method, head, body, chunked, informational)
@@ -138,7 +145,7 @@ class Upstream:
                     self._waiters.remove(fut)
 
     async def _open(self, key: tuple[str, int], label: str) -> OriginConnection:
-        host, port = key
+        host, port = key[0], key[1]  # a parent's key is (host, port, "parent")
         loop = self.loop
         timeout = self.cfg["connect_timeout"] or None
         last: OSError | None = None
