@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import os
+import pty
+import select
 import shutil
 import socket
 import subprocess
@@ -35,6 +37,39 @@ def user_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """`webproxy user ARGS...` from this checkout, with `stdin` (for --password-stdin)."""
     return subprocess.run([sys.executable, "-m", "webproxy", "user", *args], input=stdin, capture_output=True,
                           text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def user_cli_on_tty(args: list[str], answers: list[str], timeout: float = 30) -> tuple[int, str]:
+    """`webproxy user ARGS...` on a pseudo-terminal, as an admin types: each of `answers` is typed
+    after the next password prompt appears (getpass flushes what was typed before its prompt).
+    Returns (exit code, what the terminal showed)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session leader with the pty as its terminal
+        os.environ["PYTHONPATH"] = str(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "webproxy", "user", *args])
+    shown = b""
+    deadline = time.monotonic() + timeout
+    try:
+        for n, answer in enumerate(answers, 1):
+            while shown.count(b"assword") < n and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.5)[0]:
+                    shown += os.read(fd, 1024)
+            os.write(fd, answer.encode() + b"\n")
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    data = os.read(fd, 1024)
+                except OSError:  # EIO: the child has exited and closed the terminal
+                    break
+                if not data:
+                    break
+                shown += data
+    finally:
+        os.close(fd)
+    if time.monotonic() >= deadline:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
 
 
 def basic(user: str, password: str) -> str:

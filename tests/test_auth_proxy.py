@@ -14,7 +14,7 @@ import urllib.parse
 
 import pytest
 
-from tests.auth_support import basic, raw_exchange, status_of, user_cli, write_htpasswd
+from tests.auth_support import basic, raw_exchange, status_of, user_cli, user_cli_on_tty, write_htpasswd
 from tests.support import ProxyProcess, curl, free_port, package_index, pip_download, run_cli, wait_until
 
 USERS = {"alice": "secret", "bob": "builder", "carol": "c4rol"}
@@ -343,3 +343,13 @@ def test_user_add_list_remove(tmp_path):
     assert [line.split(":")[0] for line in users.read_text().splitlines()] == ["bob"]
     r = cli("list")
     assert r.returncode == 2 and "-f HTPASSWD" in r.stderr
+
+
+def test_user_add_asks_for_the_password_twice_without_echo(tmp_path):
+    users = tmp_path / "users"
+    code, shown = user_cli_on_tty(["add", "zed", "-f", str(users)], ["t0p-secret", "t0p-secret"])
+    assert code == 0 and shown.count("Password") == 2 and "t0p-secret" not in shown
+    assert users.read_text().startswith("zed:$2b$")
+    code, shown = user_cli_on_tty(["add", "amy", "-f", str(users)], ["one", "two"])
+    assert code == 2 and "differ" in shown
+    assert "amy" not in users.read_text()
