@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     PeerFailed,
     Run,
     add_common_args,
+    auth_cost,
     best,
     check_object,
     describe_checkout,
@@ -53,7 +54,9 @@ from common import (  # noqa: E402
     write_json,
 )
 
-PROXIES = ["squid", "webproxy"]
+# webproxy-auth: the same with [auth] on (htpasswd, bcrypt), every request carrying the same
+# Proxy-Authorization (answered from the verdict cache in the hit path): the cost of auth.
+PROXIES = ["squid", "webproxy", "webproxy-auth"]
 LABELS = {"1k": "1 KiB", "64k": "64 KiB", "10m": "10 MiB"}
 NEW_CONNS_OBJECT = "1k"  # the object of the Connection: close run
 
@@ -88,11 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def warm(peer: Peer, origin: Origin, obj: str) -> str | None:
     """Fetch until the proxy answers from its cache; raise PeerFailed if it never does."""
     url = origin.url(f"/cache/{OBJECT_PATHS[obj]}")
-    check_object(peer.port, url, origin.authority, obj)  # the miss that fills the cache
+    check_object(peer.port, url, origin.authority, obj, peer.proxy_auth)  # the miss that fills the cache
     before = origin.request_count()
     reply = None
     for _ in range(2):
-        reply = check_object(peer.port, url, origin.authority, obj)
+        reply = check_object(peer.port, url, origin.authority, obj, peer.proxy_auth)
     fetched = origin.request_count() - before
     x_cache = reply.headers.get("X-Cache") if reply else None
     if fetched:
@@ -118,7 +121,8 @@ def measure_proxy(bench: Bench, origin: Origin, name: str, plan: list[tuple[str,
         if name == "squid":
             peer = bench.start_squid(origin, cache=True)
         else:
-            peer = bench.start_webproxy(cache=True, workers=args.workers, root=args.webproxy_root)
+            peer = bench.start_webproxy(cache=True, workers=args.workers, root=args.webproxy_root,
+                                        auth=name == "webproxy-auth")
     except PeerFailed as e:
         failures[name] = str(e)
         print(f"{name}: n/a: {explain_failure(str(e))}", file=sys.stderr)
@@ -134,7 +138,7 @@ def measure_proxy(bench: Bench, origin: Origin, name: str, plan: list[tuple[str,
             except PeerFailed as e:
                 failures[what] = str(e)
                 print(f"{what}: n/a: {explain_failure(str(e))}", file=sys.stderr)
-        if name == "webproxy" and profile:
+        if name.startswith("webproxy") and profile:
             for obj, mode in plan:
                 profile_run(peer, peer.port, origin.url(f"/cache/{OBJECT_PATHS[obj]}"), origin, args,
                             f"hits-{obj}-{mode}", close=mode == "close")
@@ -218,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_comparisons(comparisons, [hit.run for name in ("webproxy", "squid") for key in plan
                                     if (hit := best_hit(name, *key)) is not None])
+    for obj, mode in plan:
+        if best_hit("webproxy-auth", obj, mode) is not None:
+            attr = "mbps" if obj == "10m" else "rps"
+            print(auth_cost(f"{LABELS[obj]} hits {mode}" + (" (MB/s)" if attr == "mbps" else ""),
+                            figure("webproxy-auth", obj, attr, mode), figure("webproxy", obj, attr, mode),
+                            figure("webproxy-auth", obj, "cpu", mode), figure("webproxy", obj, "cpu", mode)))
     if any(hit.run.wrk.closes_every_connection and not hit.run.close
            for per in runs.values() for hits in per.values() for hit in hits):
         print(CLOSE_NOTE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import ctypes
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bcrypt
 
 BENCH_DIR = Path(__file__).resolve().parent
 # The checkout this script lives in; webproxy is imported from here, whatever the cwd, unless
@@ -83,6 +86,7 @@ class Peer:
     log: Path
     dir: Path
     stop_timeout: float = 5.0
+    proxy_auth: str | None = None  # the Proxy-Authorization value every request sends (auth on)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -367,9 +371,10 @@ XTinyproxy No
         return self._start(peer)
 
     def start_webproxy(self, cache: bool, workers: int = 1, extra_toml: str = "",
-                       root: Path = REPO_ROOT) -> Peer:
-        """`python3 -m webproxy run -c FILE` from the checkout `root` (PYTHONPATH=root; default: this one)."""
-        name = "webproxy-cache" if cache else "webproxy"
+                       root: Path = REPO_ROOT, auth: bool = False) -> Peer:
+        """`python3 -m webproxy run -c FILE` from the checkout `root` (PYTHONPATH=root; default: this one).
+        auth: [auth] on (htpasswd, one bcrypt user); the peer's proxy_auth is its credentials."""
+        name = ("webproxy-cache" if cache else "webproxy") + ("-auth" if auth else "")
         d = self.dir / name
         d.mkdir(exist_ok=True)
         port = free_port()
@@ -386,12 +391,25 @@ level = "warning"
 [cache]
 enabled = {"true" if cache else "false"}
 directory = "{d}/cache"
+{AUTH_TOML.format(users=d / "users") if auth else ""}
 {extra_toml}
 """)
+        if auth:
+            (d / "users").write_text(f"{BENCH_USER}:{bcrypt.hashpw(BENCH_PASSWORD.encode(), bcrypt.gensalt(10)).decode()}\n")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         peer = self._spawn(name, [sys.executable, "-m", "webproxy", "run", "-c", str(conf)], port, env=env)
+        if auth:
+            peer.proxy_auth = "Basic " + base64.b64encode(f"{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()
         return self._start(peer, timeout=20.0)
+
+
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-password"
+AUTH_TOML = """
+[auth]
+backend = "htpasswd"
+htpasswd_file = "{users}"
+"""
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -404,12 +422,14 @@ class Reply:
     body: bytes
 
 
-def fetch(port: int, target: str, host: str, timeout: float = 30.0) -> Reply:
+def fetch(port: int, target: str, host: str, timeout: float = 30.0, proxy_auth: str | None = None) -> Reply:
     """One GET of `target` (absolute URL through a proxy, or a path direct) sent to 127.0.0.1:port."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", host)
+        if proxy_auth:
+            conn.putheader("Proxy-Authorization", proxy_auth)
         conn.endheaders()
         resp = conn.getresponse()
         return Reply(resp.status, resp.headers, resp.read())
@@ -417,10 +437,10 @@ def fetch(port: int, target: str, host: str, timeout: float = 30.0) -> Reply:
         conn.close()
 
 
-def check_object(port: int, target: str, host: str, name: str) -> Reply:
+def check_object(port: int, target: str, host: str, name: str, proxy_auth: str | None = None) -> Reply:
     """Fetch and insist on 200 with exactly the origin's bytes for object `name`."""
     try:
-        reply = fetch(port, target, host)
+        reply = fetch(port, target, host, proxy_auth=proxy_auth)
     except OSError as e:
         raise PeerFailed(f"check request {target} via port {port} failed: {e}") from None
     want = object_body(name)
@@ -485,14 +505,14 @@ class WrkResult:
 
 
 def run_wrk(port: int, target: str, host: str, duration: float, connections: int = 50, threads: int = 2,
-            timeout: float = 10.0, close: bool = False) -> WrkResult:
+            timeout: float = 10.0, close: bool = False, proxy_auth: str | None = None) -> WrkResult:
     """Run wrk against 127.0.0.1:port sending `target` with Host `host`; parse proxy.lua's summary.
 
     close=True sends `Connection: close` on every request, so each request is a new connection."""
     threads = max(1, min(threads, connections))
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
             "--timeout", f"{timeout:g}s", *(["-H", "Connection: close"] if close else []),
-            "-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}/", "--", target, host]
+            "-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}/", "--", target, host, *([proxy_auth] if proxy_auth else [])]
     out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration + timeout + 30)
     text = out.stdout.decode(errors="replace")
     for line in text.splitlines():
@@ -615,11 +635,13 @@ def measured_run(port: int, target: str, origin: Origin, args: argparse.Namespac
     The CPU of `peer`'s process tree (the proxy; None: the origin itself is measured) is sampled right
     before and after the measured run and divided by the requests wrk completed."""
     if args.warmup > 0:
-        run_wrk(port, target, origin.authority, args.warmup, args.connections, args.threads, close=close)
+        run_wrk(port, target, origin.authority, args.warmup, args.connections, args.threads, close=close,
+                proxy_auth=peer and peer.proxy_auth)
     measured = peer or origin.peer
     before_requests = origin.request_count()
     before = CpuSample.take(measured.proc.pid, None if peer is None else origin.peer.proc.pid)
-    result = run_wrk(port, target, origin.authority, args.duration, args.connections, args.threads, close=close)
+    result = run_wrk(port, target, origin.authority, args.duration, args.connections, args.threads, close=close,
+                     proxy_auth=peer and peer.proxy_auth)
     after = CpuSample.take(measured.proc.pid, None if peer is None else origin.peer.proc.pid)
     cpu = None if before.peer is None or after.peer is None else after.peer - before.peer
     others = None
@@ -653,7 +675,8 @@ def profile_run(peer: Peer, port: int, target: str, origin: Origin, args: argpar
     try:
         time.sleep(0.5)  # attached before the load starts; the load outlasts the sampling
         before, started = thread_cpu_us(peer.proc.pid), time.monotonic()
-        run_wrk(port, target, origin.authority, seconds + 1.5, args.connections, args.threads, close=close)
+        run_wrk(port, target, origin.authority, seconds + 1.5, args.connections, args.threads, close=close,
+                proxy_auth=peer.proxy_auth)
         text = spy.communicate(timeout=30)[0].decode(errors="replace")
         after, wall = thread_cpu_us(peer.proc.pid), time.monotonic() - started
     finally:
@@ -895,6 +918,21 @@ class Comparison:
     def summary(self) -> dict:
         return {"what": self.what, "webproxy": self.webproxy, "squid": self.squid, "ratio": self.ratio,
                 "goal": self.goal, "met": self.met}
+
+
+AUTH_COST_GOAL = 10.0  # issue 10: auth on (cached credentials) may cost at most this % of req/s
+
+
+def auth_cost(what: str, on_rps: float | None, off_rps: float | None, on_cpu: float | None,
+              off_cpu: float | None) -> str:
+    """One line: webproxy-auth against webproxy in the same run (req/s lost, CPU per request added)."""
+    if not on_rps or not off_rps:
+        return f"auth cost, {what}: n/a"
+    lost = 100 * (1 - on_rps / off_rps)
+    cpu = f", CPU us/request {100 * (on_cpu / off_cpu - 1):+.1f}%" if on_cpu and off_cpu else ""
+    verdict = "met" if lost < AUTH_COST_GOAL else "MISSED"
+    return (f"auth cost, {what}: req/s {on_rps:,.0f} with auth vs {off_rps:,.0f} without ({lost:+.1f}% lost){cpu}; "
+            f"target < {AUTH_COST_GOAL:g}%: {verdict}")
 
 
 NOISY_PCT = 25.0  # others above this in a row: its req/s says more about the machine than the proxy

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     PeerFailed,
     Run,
     add_common_args,
+    auth_cost,
     best,
     check_object,
     describe_checkout,
@@ -49,7 +50,9 @@ from common import (  # noqa: E402
     write_json,
 )
 
-TARGETS = ["direct", "squid", "tinyproxy", "webproxy"]
+# webproxy-auth: the same with [auth] on (htpasswd, bcrypt), every request carrying the same
+# Proxy-Authorization (after the first, answered from the verdict cache): the cost of auth.
+TARGETS = ["direct", "squid", "tinyproxy", "webproxy", "webproxy-auth"]
 OBJECT = "1k"
 PATH = "/nocache/1k.bin"
 MODES = {"keep-alive": False, "close": True}  # the connection column: Connection: close on every request?
@@ -74,11 +77,12 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace, p
         elif name == "tinyproxy":
             peer = bench.start_tinyproxy()
         else:
-            peer = bench.start_webproxy(cache=False, workers=args.workers, root=args.webproxy_root)
+            peer = bench.start_webproxy(cache=False, workers=args.workers, root=args.webproxy_root,
+                                        auth=name == "webproxy-auth")
         port, target = peer.port, origin.url(PATH)
     runs = {}
     try:
-        check_object(port, target, origin.authority, OBJECT)
+        check_object(port, target, origin.authority, OBJECT, proxy_auth=peer and peer.proxy_auth)
         for mode, close in MODES.items():
             if close and not args.new_conns:
                 continue
@@ -88,7 +92,7 @@ def measure(bench: Bench, origin: Origin, name: str, args: argparse.Namespace, p
                 # no-store must never be answered without the origin; if it is, the figure is not pass-through.
                 print(f"warning: {name} answered {run.wrk.requests} requests but the origin saw only "
                       f"{run.origin_requests}", file=sys.stderr)
-        if name == "webproxy" and profile:
+        if name.startswith("webproxy") and profile:
             for mode, close in MODES.items():
                 if args.new_conns or not close:
                     profile_run(peer, port, target, origin, args, f"passthrough-1k-{mode}", close)
@@ -165,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_comparisons(comparisons, [r for name in ("webproxy", "squid") for mode in MODES
                                     if (r := run(name, mode)) is not None])
+    for mode in MODES:
+        if run("webproxy-auth", mode) is not None:
+            print(auth_cost(f"pass-through {mode}", figure("webproxy-auth", "rps", mode), figure("webproxy", "rps", mode),
+                            figure("webproxy-auth", "cpu", mode), figure("webproxy", "cpu", mode)))
     for other in ("tinyproxy", "direct"):
         if figure("webproxy", "rps") and figure(other, "rps"):
             print(f"webproxy/{other:<9} req/s: {ratio(figure('webproxy', 'rps'), figure(other, 'rps'))}")

@@ -1,7 +1,10 @@
 -- wrk script: send one fixed request target (absolute-form through a proxy, or origin-form
 -- direct) and print a machine-readable summary line.
 --
---   wrk -s proxy.lua http://127.0.0.1:PROXYPORT/ -- http://127.0.0.1:ORIGINPORT/path 127.0.0.1:ORIGINPORT
+--   wrk -s proxy.lua http://127.0.0.1:PROXYPORT/ -- http://127.0.0.1:ORIGINPORT/path 127.0.0.1:ORIGINPORT [PROXY-AUTH]
+--
+-- PROXY-AUTH, when given, is sent as the Proxy-Authorization value of every request (a proxy with
+-- authentication on: the same credentials each time, as a browser sends them).
 --
 -- wrk writes wrk.path verbatim into the request line, so an absolute URL there gives
 -- "GET http://127.0.0.1:ORIGINPORT/path HTTP/1.1" while the socket goes to the proxy's port.
@@ -14,6 +17,9 @@ function init(args)
    end
    if args[2] then
       wrk.headers["Host"] = args[2]
+   end
+   if args[3] then
+      wrk.headers["Proxy-Authorization"] = args[3]
    end
 end
 

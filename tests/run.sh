@@ -6,8 +6,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=""
   # socat + gophernicus: the gopher tests' server; ip: network namespaces (transparent, SOCKS reply codes);
   # node: the PAC tests; chromium: the status page screenshot; squid + openssl: a real parent proxy;
-  # haproxy: the fleet tests
-  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps socat:socat gophernicus:gophernicus node:nodejs chromium:chromium squid:squid-openssl openssl:openssl haproxy:haproxy; do
+  # haproxy: the fleet tests; slapd + ldapadd: the LDAP auth tests
+  for pair in curl:curl ip:iproute2 iptables:iptables sysctl:procps ps:procps socat:socat gophernicus:gophernicus node:nodejs chromium:chromium squid:squid-openssl openssl:openssl haproxy:haproxy slapd:slapd ldapadd:ldap-utils; do
     command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
   done
   if [ -n "$need" ]; then

@@ -555,3 +555,31 @@ def tiny_wheel() -> tuple[str, bytes]:
         for path, data in files.items():
             z.writestr(path, data)
     return name, buf.getvalue()
+
+
+def package_index(o: Origin) -> tuple[str, bytes]:
+    """Routes on `o` (before start()) for a one-package simple index (PEP 503) at /simple/ serving
+    tiny_wheel(); returns (file name, wheel bytes)."""
+    name, wheel = tiny_wheel()
+    sha = hashlib.sha256(wheel).hexdigest()
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=f'<a href="/files/{name}#sha256={sha}">{name}</a>', content_type="text/html",
+                            headers={"Cache-Control": "max-age=600"})
+
+    async def file(request: web.Request) -> web.Response:
+        return web.Response(body=wheel, content_type="application/octet-stream",
+                            headers={"Cache-Control": "max-age=86400"})
+
+    o.route("GET", "/simple/webproxy-probe/", index)
+    o.route("GET", f"/files/{name}", file)
+    return name, wheel
+
+
+def pip_download(proxy_url: str, index_url: str, dest: Path) -> subprocess.CompletedProcess[str]:
+    """The real pip fetching webproxy-probe from `index_url` through `proxy_url` (which may carry
+    user:password@) into `dest`."""
+    return subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--proxy", proxy_url,
+                           "--index-url", index_url, "--trusted-host", "127.0.0.1", "-d", str(dest),
+                           "webproxy-probe"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""})

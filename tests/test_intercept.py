@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from aiohttp import web
 
+from tests.auth_support import write_htpasswd
 from tests.intercept_support import (
     TlsOrigin,
     connect_tunnel,
@@ -28,7 +28,7 @@ from tests.intercept_support import (
     peer_issuer,
     tls_through,
 )
-from tests.support import ProxyProcess, curl, run_webproxy, tiny_wheel, wait_until, write_config
+from tests.support import ProxyProcess, curl, package_index, run_webproxy, wait_until, write_config
 from tunnel.clienthello import parse_client_hello
 from webproxy.httpmsg import BadTarget
 from webproxy.tlspolicy import (
@@ -120,19 +120,7 @@ class World:
         self.origin_ca_file = str(tmp / "origin-ca.pem")
         self.origin_ca.cert_pem.write_to_path(self.origin_ca_file)
         self.good = TlsOrigin(self.origin_ca.issue_cert("localhost", "127.0.0.1"))
-        self.wheel_name, self.wheel = tiny_wheel()
-        sha = hashlib.sha256(self.wheel).hexdigest()
-        page = f'<a href="/files/{self.wheel_name}#sha256={sha}">{self.wheel_name}</a>'
-
-        async def project(request: web.Request) -> web.Response:
-            return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "max-age=600"})
-
-        async def wheel(request: web.Request) -> web.Response:
-            return web.Response(body=self.wheel, content_type="application/octet-stream",
-                                headers={"Cache-Control": "max-age=86400"})
-
-        self.good.route("GET", "/simple/webproxy-probe/", project)
-        self.good.route("GET", f"/files/{self.wheel_name}", wheel)
+        self.wheel_name, self.wheel = package_index(self.good)
         self.good.start()
         self.wrong_name = TlsOrigin(self.origin_ca.issue_cert("other.example")).start()
         self.untrusted = TlsOrigin(trustme.CA().issue_cert("localhost")).start()
@@ -380,3 +368,31 @@ def test_an_intercepted_request_reaches_the_origin_through_the_parents_connect_n
     finally:
         child.stop()
         parent.stop()
+
+
+def test_an_intercepted_tunnel_needs_credentials_and_its_requests_are_logged_as_the_connects_user(world):
+    # The requests inside carry no Proxy-Authorization (the client sent it on the CONNECT only):
+    # they belong to the user the CONNECT authenticated as, and are logged with that name.
+    (world.tmp / "authed").mkdir(exist_ok=True)
+    users = write_htpasswd(world.tmp / "authed" / "users", {"alice": "secret"})
+    proxy = ProxyProcess(world.tmp / "authed", {
+        "access": {"connect_ports": [world.good.port]},
+        "auth": {"backend": "htpasswd", "htpasswd_file": str(users)},
+        "tls": {"ca_dir": str(world.ca_dir), "intercept": ["localhost"], "upstream_ca_file": world.origin_ca_file},
+        "refresh": {"enabled": False},
+    }).start()
+    try:
+        url = world.good.put("authed", b"for alice\n", Cache_Control="max-age=600")
+        url = url.replace("http://127.0.0.1", "https://localhost")
+        r = curl("-x", proxy.url, "--cacert", world.ca_file, url)
+        assert r.returncode != 0 and b"407" in r.stderr  # curl: CONNECT tunnel failed, response 407
+        for _ in range(2):
+            r = curl("-x", proxy.url, "--proxy-user", "alice:secret", "--cacert", world.ca_file, url)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"for alice\n"
+        assert world.good.full["authed"] == 1
+        assert wait_until(lambda: len([ln for ln in proxy.access_lines() if url in ln]) == 2)
+        for line in [ln for ln in proxy.access_lines() if url in ln]:
+            assert line.split()[7] == "alice", line
+    finally:
+        proxy.stop()

@@ -3,40 +3,22 @@ the origin connect timeout a user would hit with a dead server."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
 import sys
 
-from aiohttp import web
-
-from tests.support import curl, tiny_wheel
+from tests.support import curl, package_index, pip_download
 
 
 def test_pip_download_through_the_proxy_is_cached(make_proxy, make_origin, tmp_path):
-    name, wheel = tiny_wheel()
-    sha = hashlib.sha256(wheel).hexdigest()
     o = make_origin()
-
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=f'<a href="/files/{name}#sha256={sha}">{name}</a>', content_type="text/html",
-                            headers={"Cache-Control": "max-age=600"})
-
-    async def file(request: web.Request) -> web.Response:
-        return web.Response(body=wheel, content_type="application/octet-stream",
-                            headers={"Cache-Control": "max-age=86400"})
-
-    o.route("GET", "/simple/webproxy-probe/", index)
-    o.route("GET", f"/files/{name}", file)
+    name, wheel = package_index(o)
     o.start()
     p = make_proxy({"refresh": {"enabled": False}})
     for i in range(2):
         dest = tmp_path / f"d{i}"
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--proxy", p.url,
-                            "--index-url", o.url("/simple/"), "--trusted-host", "127.0.0.1", "-d", str(dest),
-                            "webproxy-probe"], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""})
+        r = pip_download(p.url, o.url("/simple/"), dest)
         assert r.returncode == 0, r.stdout + r.stderr
         assert (dest / name).read_bytes() == wheel
     assert o.hits[f"/files/{name}"] == 1  # the second pip got the wheel from the proxy's cache

@@ -1,4 +1,4 @@
-"""The `webproxy` command: run, tunnel, purge, cache stats.
+"""The `webproxy` command: run, tunnel, purge, cache stats, user.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `main(args) -> int`;
 this file only dispatches and turns expected failures into one line and exit code 2.
@@ -20,6 +20,7 @@ COMMANDS = {
     "purge": ("webproxy.cmd_cache", "remove URLs from the cache"),
     "cache": ("webproxy.cmd_cache", "cache administration (stats)"),
     "ca": ("webproxy.cmd_ca", "the local CA for TLS interception (init, show)"),
+    "user": ("webproxy.cmd_user", "proxy users of the htpasswd file (add, remove, list)"),
 }
 
 

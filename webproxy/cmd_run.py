@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tunnel.netaddr import is_local_address
-from webproxy import config, logfiles, parents, server, service
+from webproxy import authbackends, config, logfiles, parents, server, service
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,9 +23,11 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise config.ConfigError(f"--listen: {e}") from None
     if args.check:
-        # What starting would find wrong before binding: log paths, server.user, the pid file's directory.
+        # What starting would find wrong before binding: log paths, the htpasswd file, server.user, the
+        # pid file's directory.
         logfiles.check(cfg)
         parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
+        authbackends.build(cfg.auth)  # the htpasswd (and groups) file read as the proxy will
         service.identity(cfg)
         if cfg.server["pid_file"]:
             service.check_pid_file(cfg.server["pid_file"])

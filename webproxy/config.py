@@ -162,6 +162,26 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "intercept": ("strs", []),
         "upstream_ca_file": ("str", ""),
     },
+    "auth": {
+        "backend": ("choice:none,htpasswd,ldap", "none"),
+        "realm": ("str", "webproxy"),
+        "htpasswd_file": ("str", ""),
+        "groups_file": ("str", ""),
+        "ldap_url": ("str", ""),
+        "ldap_base": ("str", ""),
+        "ldap_user_filter": ("str", "(uid={user})"),
+        "ldap_group_base": ("str", ""),
+        "ldap_group_filter": ("str", "(|(member={dn})(uniqueMember={dn})(memberUid={user}))"),
+        "ldap_group_attribute": ("str", "cn"),
+        "ldap_bind_dn": ("str", ""),
+        "ldap_bind_password": ("str", ""),
+        "ldap_starttls": ("bool", False),
+        "ldap_ca_file": ("str", ""),
+        "ldap_timeout": ("float", 5.0),
+        "cache_ttl": ("float", 300.0),
+        "exempt_clients": ("nets", []),
+        "rule": ("tables:auth_rule", []),
+    },
 }
 
 # Keys whose new value only takes effect after a restart (SIGHUP reports them).
@@ -178,6 +198,13 @@ TABLE_SCHEMA["parent"] = {  # webproxy.parents
     "password": ("str", ""),
     "domains": ("strs", []),
     "weight": ("int", 1),
+}
+TABLE_SCHEMA["auth_rule"] = {  # webproxy.authpolicy
+    "name": ("str", ""),
+    "groups": ("strs", []),
+    "allow_domains": ("strs", []),
+    "deny_domains": ("strs", []),
+    "connect_ports": ("ints", []),
 }
 
 # Sections that are lists of tables; each entry is checked against its own schema.
@@ -339,6 +366,7 @@ class Config:
     pac: dict[str, Any]
     socks: dict[str, Any]
     gopher: dict[str, Any]
+    auth: dict[str, Any]
     tunnel: list[dict[str, Any]]
     path: str | None = None
     tls: dict[str, Any] = field(default_factory=dict)
@@ -365,7 +393,25 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     sections["cache"]["directory"] = os.path.expanduser(sections["cache"]["directory"])
     tls = sections["tls"]
     tls["ca_dir"] = os.path.expanduser(tls["ca_dir"]) or default_ca_dir(sections["cache"]["directory"])
+    _check_auth(sections)
     return Config(**sections, tunnel=checked, path=path)
+
+
+def _check_auth(sections: dict[str, dict[str, Any]]) -> None:
+    """[auth] against the rest: what a backend needs, and no password prompt for clients that
+    cannot answer one (a transparently redirected browser does not know there is a proxy)."""
+    auth = sections["auth"]
+    backend = auth["backend"]
+    if backend == "none":
+        return
+    if backend == "htpasswd" and not auth["htpasswd_file"]:
+        raise ConfigError("config: auth.backend = \"htpasswd\" needs auth.htpasswd_file "
+                          "(create it with `webproxy user add NAME`)")
+    if backend == "ldap" and not (auth["ldap_url"] and auth["ldap_base"]):
+        raise ConfigError("config: auth.backend = \"ldap\" needs auth.ldap_url and auth.ldap_base")
+    if sections["transparent"]["listen"] and not auth["exempt_clients"]:
+        raise ConfigError("config: auth cannot challenge transparently redirected clients (they do not know "
+                          "about the proxy); list their networks in auth.exempt_clients, or turn auth off")
 
 
 def load(path: str | None) -> Config:

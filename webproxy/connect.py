@@ -120,7 +120,7 @@ class ConnectHandler:
         TALLY.tunnels += 1
         try:
             await self.intercept.serve(client, conn.upgrade_rest or b"",
-                                       Inherited(conn.client_ip, conn.client_port, host, port))
+                                       Inherited(conn.client_ip, conn.client_port, host, port, conn.user))
         finally:
             TALLY.tunnels -= 1
             self.release(conn)

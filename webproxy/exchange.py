@@ -18,7 +18,7 @@ from webproxy.origin import OriginResponse
 class Exchange:
     """The access-log fields of one request, filled in as it is handled."""
 
-    __slots__ = ("code", "status", "hierarchy", "ctype", "url")
+    __slots__ = ("code", "status", "hierarchy", "ctype", "url", "user")
 
     def __init__(self, url: str) -> None:
         self.code = logcodes.NONE
@@ -26,6 +26,7 @@ class Exchange:
         self.hierarchy = logcodes.HIER_NONE
         self.ctype: str | None = None
         self.url = url
+        self.user = "-"  # the authenticated user, as the access log writes it
 
 
 class Sink(Protocol):

@@ -135,7 +135,7 @@ class Inherited:
     client_port: int
     host: str  # the CONNECT authority: where every request inside goes
     port: int
-    user: str | None = None  # the CONNECT's authenticated user, once proxy authentication exists
+    user: Any = None  # the CONNECT's authenticated user (webproxy.authpolicy.Identity), if any
     connect: str | None = None  # "ip:port" to dial instead (transparent mode: the original destination)
     ended: asyncio.Future[None] | None = None  # set when the inner connection is gone
 
@@ -182,6 +182,12 @@ class ClientConnection(asyncio.Protocol):
         self.upgrade_rest: bytes | None = None
         self.response_started = False
         self.denied = False
+        # The user a CONNECT on this connection authenticated as (webproxy.authpolicy.Identity):
+        # requests inside an intercepted tunnel carry no Proxy-Authorization and inherit it.
+        self.user: Any = inherited.user if inherited is not None else None
+        # (Proxy-Authorization value, its verdict-cache key) of this connection's last request: a
+        # client sends the same field every time, so it is hashed once per connection (webproxy.auth).
+        self.auth_seen: Any = None
         self.served = 0
         self._admitted = False
         self._paused: set[str] = set()

@@ -2,6 +2,7 @@
 built once when the proxy starts. Every path ends in exactly one access-log line.
 
     client not allowed                  -> DENIED (403, close)
+    [auth] on, not a SELF or BAD route  -> 407 / 403 (a user's rule) / 503 (directory down) first
     CONNECT on a redirected connection  -> BAD (400): it was going to its original destination
     any target on a redirected conn.    -> TRANSPARENT (fetched from the original destination,
                                            whatever the URL or Host names), LOOP if our Via is on it
@@ -22,6 +23,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from webproxy import logcodes
+from webproxy.auth import ANONYMOUS, AuthGate, Refusal
+from webproxy.authpolicy import Identity
 from webproxy.connect import ConnectHandler
 from webproxy.context import Env
 from webproxy.errors import ClientGone, Reject
@@ -30,7 +33,14 @@ from webproxy.forward import HttpForwarder, refusal
 from webproxy.frontend import ClientConnection, Request, ResponseWriter
 from webproxy.ftpgate import FtpGate
 from webproxy.gophergate import GopherGate
-from webproxy.httpmsg import BadTarget, Target, get_header, has_via_loop, parse_absolute_cached
+from webproxy.httpmsg import (
+    BadTarget,
+    Target,
+    get_header,
+    has_via_loop,
+    parse_absolute_cached,
+    parse_authority,
+)
 from webproxy.selfpages import SelfPages
 from webproxy.tlspolicy import inner_url
 from webproxy.transparent import TransparentHttp
@@ -53,6 +63,9 @@ class Route(Enum):
 
 
 FETCHERS = {"http": Route.HTTP, "ftp": Route.FTP, "gopher": Route.GOPHER}
+# Answered without credentials: the proxy's own pages (a browser fetches the PAC file before it
+# knows of any proxy) and targets that cannot be parsed.
+NO_AUTH = frozenset({Route.DENIED, Route.SELF, Route.BAD})
 
 
 @dataclass(slots=True)
@@ -104,8 +117,9 @@ AccessLogger = Callable[[ClientConnection, Request, Exchange, int], None]
 class Router:
     def __init__(self, env: Env, answers: Answers, forwarder: HttpForwarder, connect: ConnectHandler,
                  ftp: FtpGate, gopher: GopherGate, transparent: TransparentHttp, pages: SelfPages,
-                 access: AccessLogger) -> None:
+                 access: AccessLogger, auth: AuthGate) -> None:
         self.env = env
+        self.auth = auth
         self.answers = answers
         self.forwarder = forwarder
         self.access = access
@@ -149,8 +163,15 @@ class Router:
                                              conn.inherited is not None))
         if routed.route is not Route.HTTP or routed.target is None or refusal(self.env, req, routed.target, looped):
             return False
+        user = ANONYMOUS
+        if self.auth.on:
+            user = self.auth.known(conn.client_ip, get_header(req.headers, "proxy-authorization"), conn.user,
+                                   routed.target.host, routed.target.port, memo=conn)
+            if user is None:  # to be verified, or refused: the serve task answers
+                return False
         rw = ResponseWriter(conn, req)
         ex = Exchange(req.target)
+        ex.user = user.log_name
         try:
             keep = cache.answer_now(req, rw, ex, routed.target)
         except ClientGone:
@@ -196,6 +217,17 @@ class Router:
         if r is Route.DENIED:
             return self.answers.deny(rw, ex, 403, f"access denied: your address {conn.client_ip} may not use "
                                      "this proxy", close=True)
+        if self.auth.on and r not in NO_AUTH:
+            who = await self._authenticate(conn, req, routed)
+            if isinstance(who, Refusal):
+                ex.code = logcodes.DENIED
+                ex.user = who.user.log_name if who.user is not None else "-"
+                # A request body is not read for a refusal: the connection cannot go on after it.
+                return self.answers.error(rw, ex, who.status, who.message, close=req.body is not None,
+                                          extra=who.headers)
+            ex.user = who.log_name
+            if r is Route.CONNECT and who is not ANONYMOUS:
+                conn.user = who  # inner requests of an intercepted tunnel carry no credentials
         if r is Route.LOOP:
             host = routed.target.host if routed.target else get_header(req.headers, "host")
             return self.answers.deny(rw, ex, 508, f"forwarding loop detected: this request for {host} "
@@ -208,6 +240,25 @@ class Router:
             return self.answers.error(rw, ex, 501, routed.message)
         return await self.table[r](conn, req, rw, ex, routed)
 
+    async def _authenticate(self, conn: ClientConnection, req: Request, routed: Routed) -> Identity | Refusal:
+        """Who sends this request (an Identity), or a Refusal. Proxy-Authorization is hop-by-hop
+        (RFC 9110 11.7.2): the forwarders drop it, so it never reaches an origin."""
+        host, port = "", 0
+        if routed.target is not None:
+            host, port = routed.target.host, routed.target.port
+        elif routed.route is Route.CONNECT:
+            try:
+                host, port = parse_authority(req.target, 0)
+            except BadTarget:
+                pass  # the CONNECT handler answers 400 once the client is known
+        elif conn.transparent_dst is not None:
+            host, port = conn.transparent_dst
+        header = get_header(req.headers, "proxy-authorization")
+        connect, transparent = routed.route is Route.CONNECT, conn.transparent_dst is not None
+        # Remembered credentials (the common case) are settled here, without the verifying path.
+        who = None if transparent else self.auth.known(conn.client_ip, header, conn.user, host, port, connect, conn)
+        return who if who is not None else await self.auth.check(conn.client_ip, header, conn.user, host, port,
+                                                                 connect, transparent, conn)
 
 def _dial_inherited(conn: ClientConnection, routed: Routed) -> Routed:
     """An intercepted tunnel that knows the address to dial (transparent mode: the original

@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunnel.netaddr import is_local_address
-from webproxy import certs, logcodes, logfiles, metrics, parents, service
+from webproxy import authbackends, certs, logcodes, logfiles, metrics, parents, service
 from webproxy import config as config_mod
 from webproxy.accesslog import AccessLog
 from webproxy.acl import ConnectionCounter, client_allowed, destination_denied, ip_of, names_listener
+from webproxy.auth import AuthGate
 from webproxy.caching import CacheLayer
 from webproxy.certs import Authority, CAError, ca_exists, origin_context
 from webproxy.composition import attach_layers
@@ -79,11 +80,16 @@ class ProxyServer:
         self.refresher: Refresher | None = None
         self.pages = SelfPages(self, self.answers)
         self.interceptor = Interceptor(self, self, self.authority)
+        try:
+            self.auth = AuthGate(cfg.auth, self.log_error)
+        except config_mod.ConfigError as e:
+            raise StartupError(str(e)) from None
         self.router = Router(self, self.answers, self.forwarder,
                              ConnectHandler(self, self.answers, self.resolve, self.release, self.forwarder.parents,
                                             self.interceptor),
                              self.ftp, self.gopher,
-                             TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access)
+                             TransparentHttp(self.answers, self.forwarder, self.resolve), self.pages, self.access,
+                             self.auth)
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_addrs: list[tuple[str, int]] = []
         self.started = time.time()
@@ -202,7 +208,7 @@ class ProxyServer:
     def access(self, conn: ClientConnection, req: Request, ex: Exchange, nbytes: int) -> None:
         self.requests += 1
         self.accesslog.log(req.start, conn.client_ip, ex.code, ex.status, nbytes, req.method, ex.url,
-                           ex.hierarchy, ex.ctype)
+                           ex.hierarchy, ex.ctype, ex.user)
         metrics.TALLY.request(req.method, ex.status, ex.code, nbytes, ex.url)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -221,6 +227,7 @@ class ProxyServer:
 
     def _schedule_flush(self) -> None:
         self.accesslog.flush()
+        self.auth.tick()
         now = time.time()
         for line in self.failures.due(now):
             self.log_error(line, "info")
@@ -270,6 +277,7 @@ class ProxyServer:
         await self.ftp.close()
         await self.upstream.close()
         self.pages.close()
+        self.auth.close()
         self.accesslog.close()
 
     def reload(self) -> None:
@@ -280,6 +288,7 @@ class ProxyServer:
         try:
             new = config_mod.load(self.cfg.path)
             parents.check(new.upstream, self.listen_addrs, self.is_local_address)
+            self.auth.configure(new.auth)  # users re-read (a revoked one is refused at once)
             # Both logs are opened before anything changes: a path that cannot be opened keeps the
             # running config whole, old log files included.
             access_file = logfiles.open_log("access_log", new.log["access_log"])
@@ -389,6 +398,7 @@ def prepare(cfg: config_mod.Config) -> service.Identity | None:
     try:
         logfiles.check(cfg)
         parents.check(cfg.upstream, cfg.server["listen"], is_local_address)
+        authbackends.build(cfg.auth)  # a bad htpasswd file: one line naming the file and line
         ident = service.identity(cfg)
     except config_mod.ConfigError as e:
         raise StartupError(str(e)) from None

@@ -12,6 +12,7 @@ from tunnel.connect import Resolver
 from tunnel.socks import SessionRecord, SocksSettings, serve_socks
 from webproxy import logcodes
 from webproxy.acl import client_allowed, domain_denied
+from webproxy.auth import AuthGate
 from webproxy.config import Config
 
 
@@ -22,6 +23,7 @@ class SocksHost(Protocol):
     def cfg(self) -> Config: ...
 
     resolve: Resolver
+    auth: AuthGate
 
     def log_error(self, message: str, level: str = "error") -> None: ...
 
@@ -75,5 +77,6 @@ def serve(server: SocksHost, started: Callable[..., Any]) -> Coroutine[Any, Any,
     return serve_socks(
         settings, allow_client=lambda ip: client_allowed(ip, server.cfg.access["allow_clients"]),
         deny_domain=lambda host: domain_denied(host, server.cfg.access),
-        verify=None,  # issue 10 hook: the [auth] backend's async verify(user, password) -> bool
+        # [auth] on: RFC 1929 username/password against the same backend (and verdict cache).
+        verify=server.auth.verify_socks if server.auth.on else None,
         resolve=server.resolve, log=log, started=started)
