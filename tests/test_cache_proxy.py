@@ -271,7 +271,8 @@ def test_kill_9_during_a_large_fill_leaves_nothing_truncated(cproxy, make_origin
             await resp.write(block)
             if i == 100 and state["slow"]:
                 state["serving"].set()
-                await __import__("asyncio").sleep(30)
+                while state["slow"]:  # stalled until the proxy has been killed (then the origin stops at once)
+                    await __import__("asyncio").sleep(0.05)
         return resp
 
     o.route("GET", "/huge", slow)
