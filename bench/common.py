@@ -943,7 +943,7 @@ def print_comparisons(comparisons: list[Comparison], shown: list[Run]) -> None:
     if all(c.ratio is None for c in comparisons):
         print("(no webproxy/squid ratios: they need both measured in the same run)")
         return
-    print_table(["webproxy/squid, same run", "ratio", "issue 9 target"], [c.cells() for c in comparisons])
+    print_table(["webproxy/squid, same run", "ratio", "target"], [c.cells() for c in comparisons])
     noisy = [r for r in shown if (r.others_cpu_pct or 0) > NOISY_PCT]
     if noisy:
         print(f"NOISY: in {len(noisy)} of {len(shown)} rows other work took over {NOISY_PCT:.0f}% of a CPU; "
