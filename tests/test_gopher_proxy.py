@@ -35,10 +35,12 @@ class Gophernicus:
         self.log.touch()
         self.log.chmod(0o666)
         cmd = f"{GOPHERNICUS} -h 127.0.0.1 -p {self.port} -r {root} -nv -nf -l {self.log}"
-        # gophernicus refuses to run as root: socat drops to nobody for each connection.
+        # gophernicus refuses to run as root: socat drops to nobody for each connection. nofork:
+        # gophernicus gets the socket itself; through socat's relay pipes it answered nothing to
+        # 3-25% of requests (measured: 10 of 300 back to back, 53 of 200 sent 50 ms after connect).
         su = ",su=nobody" if os.geteuid() == 0 else ""
         self.proc = subprocess.Popen(["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
-                                      f"EXEC:{cmd}{su}"], stderr=subprocess.DEVNULL)
+                                      f"EXEC:{cmd}{su},nofork"], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:

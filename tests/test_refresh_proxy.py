@@ -315,8 +315,11 @@ def test_caps_hold_under_a_burst_of_objects_expiring_together(make_origin, make_
     proxy = make_refreshing_proxy({"max_per_second": 4.0, "max_concurrent": 2})
     for path in objs:
         make_popular(proxy, origin.url(path))
+    # On a loaded machine the first refreshes may start while the last client misses are still at
+    # the origin; the cap is on the refresher, so count from here on, when only refreshes are left.
+    group[1] = group[0]
     assert wait_until(lambda: all(o.conditional >= 1 for o in objs.values()), timeout=30)
-    # Never more than max_concurrent at once at the origin (client requests were all over by then)...
+    # Never more than max_concurrent refreshes at once at the origin...
     assert 1 <= group[1] <= 2
     starts = sorted(o.conditional_starts[0] for o in objs.values())
     # ...and spread out: 4 per second with a burst of at most 4 takes at least 2 s for 12.
