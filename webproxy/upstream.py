@@ -184,7 +184,9 @@ class Upstream:
             if self.tls is None:
                 self.tls = ssl.create_default_context()
             tls = {"ssl": self.tls, "server_hostname": key[2][len(TLS_TAG):]}
-        tunnel = self._tunnels.get(key) if len(key) > 3 else None
+        # Never dropped (one small entry per https origin and parent), so a key naming a parent
+        # can never fall back to dialing the origin directly.
+        tunnel = self._tunnels[key] if len(key) > 3 else None
         timeout = self.cfg["connect_timeout"] or None
         last: OSError | None = None
         try:
