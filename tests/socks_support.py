@@ -20,7 +20,7 @@ class SocksThread:
     `users` turns on RFC 1929 with a verifier that accepts exactly those user/password pairs."""
 
     def __init__(self, host: str = "127.0.0.1", users: dict[str, str] | None = None,
-                 verify: Callable[[str, str], Any] | None = None,
+                 verify: Callable[[str, str, str], Any] | None = None,
                  allow_client: Callable[[str], bool] = lambda ip: True,
                  deny_domain: Callable[[str], str | None] = lambda host: None, **settings: Any) -> None:
         settings.setdefault("deny_networks", [])
@@ -28,7 +28,7 @@ class SocksThread:
         self.settings = SocksSettings(listen=[(host, 0)], **settings)
         self.records: list[SessionRecord] = []
         self.users = users
-        self.verify = verify  # an async verify(user, password) used as given (overrides `users`)
+        self.verify = verify  # an async verify(user, password, client ip) used as given (overrides `users`)
         self.allow_client, self.deny_domain = allow_client, deny_domain
         try:  # the loop production runs on
             import uvloop
@@ -50,7 +50,7 @@ class SocksThread:
         if self.users is not None and verify is None:
             users = self.users
 
-            async def verify(user: str, password: str) -> bool:
+            async def verify(user: str, password: str, ip: str) -> bool:
                 return users.get(user) == password
 
         self.server = SocksServer(self.settings, allow_client=self.allow_client, deny_domain=self.deny_domain,

@@ -224,6 +224,19 @@ def test_socks5_username_password_uses_the_same_users(authproxy, origin):
     assert origin.hits["/text/socks"] == 1
 
 
+def test_socks5_exempt_clients_need_no_password_and_wrong_ones_are_logged_per_address(authproxy, origin):
+    socks = f"127.0.0.1:{authproxy.socks_port}"
+    r = curl("--interface", "127.0.0.3", "--socks5", socks, origin.url("/text/socks-exempt"))
+    assert r.stdout == b"hello socks-exempt\n", r.stderr
+    r = curl("--interface", "127.0.0.4", "--socks5", socks, origin.url("/text/socks-exempt"))
+    assert r.returncode != 0  # not exempt, no password: refused
+    r = curl("--interface", "127.0.0.5", "--socks5", socks, "--proxy-user", "alice:wrong", origin.url("/text/socks-exempt"))
+    assert r.returncode != 0
+    assert origin.hits["/text/socks-exempt"] == 1
+    assert wait_until(lambda: "failed attempt 1 from 127.0.0.5 as user 'alice'" in authproxy.stderr())
+    assert "wrong" not in authproxy.stderr().split("127.0.0.5", 1)[1].split("\n", 1)[0].replace("wrong user", "")
+
+
 def test_exempt_clients_need_no_credentials(authproxy, origin):
     request = f"GET {origin.url('/text/exempt')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     assert status_of(raw_exchange(authproxy.port, request, source="127.0.0.3")) == 200

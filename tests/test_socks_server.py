@@ -100,7 +100,7 @@ def test_wrong_password_is_refused_and_the_connection_closed(socks, origin: Orig
 
 
 def test_a_failing_password_backend_refuses_instead_of_crashing(socks, echo):
-    async def broken(user: str, password: str) -> bool:
+    async def broken(user: str, password: str, ip: str) -> bool:
         raise ConnectionError("directory server down")
 
     s = socks(verify=broken)

@@ -3,7 +3,7 @@ UDP ASSOCIATE in a datagram relay, BIND in tunnel.relay with the one connection 
 
 Who may do what is decided by callables the caller passes in (this package knows sockets, not the
 proxy's config): `allow_client(ip)`, `deny_domain(host)`, and the `[socks]` settings; an optional
-`verify(user, password)` makes username/password (RFC 1929) the only accepted method. Every
+`verify(user, password, client_ip)` makes username/password (RFC 1929) the only accepted method. Every
 session ends in exactly one `SessionRecord` handed to `log`.
 """
 
@@ -31,7 +31,7 @@ from tunnel.relay import RelayResult, relay
 logger = logging.getLogger("tunnel")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Verifier = Callable[[str, str], Awaitable[bool]]
+Verifier = Callable[[str, str, str], Awaitable[bool]]  # (user, password, client ip)
 _RECV = 4096
 _UDP_MAX = 65535
 _UDP_PEERS_MAX = 1024  # remote endpoints remembered per association (replies are accepted from these)
@@ -188,14 +188,17 @@ class _Conn:
 class SocksServer:
     def __init__(self, settings: SocksSettings, *, allow_client: Callable[[str], bool],
                  deny_domain: Callable[[str], str | None] = lambda host: None,
-                 verify: Verifier | None = None, resolve: Resolver | None = None,
+                 verify: Verifier | None = None, needs_password: Callable[[str], bool] = lambda ip: True,
+                 resolve: Resolver | None = None,
                  log: Callable[[SessionRecord], None] | None = None, engine: str | None = None) -> None:
         self.s = settings
         self.allow_client = allow_client
         self.deny_domain = deny_domain
-        # Issue 10 hook: the [auth] backend's verify(user, password) goes here. None offers "no
-        # authentication" only; a verifier makes RFC 1929 username/password the only method.
+        # The [auth] backend's verify(user, password, client ip). None offers "no authentication"
+        # only; a verifier makes RFC 1929 username/password the only method, except for clients
+        # `needs_password` exempts (auth.exempt_clients), who are offered "no authentication".
         self.verify = verify
+        self.needs_password = needs_password
         self.resolve = resolve
         self.log = log or (lambda rec: logger.info("%s", rec))
         self.engine = engine
@@ -270,7 +273,7 @@ class SocksServer:
         allowed = self.allow_client(rec.client)
         # A client outside the allowed networks is not invited to try passwords: it gets "no
         # authentication" and then "not allowed by ruleset" to whatever it asks.
-        method = sp.choose_method(offered, self.verify is not None and allowed)
+        method = sp.choose_method(offered, self.verify is not None and allowed and self.needs_password(rec.client))
         await conn.send(sp.method_reply(method))
         if method == sp.NO_ACCEPTABLE:
             rec.note = "no-acceptable-method"
@@ -280,7 +283,7 @@ class SocksServer:
             user, password = await conn.read(sp.parse_userpass)
             rec.user = user
             try:
-                ok = await self.verify(user, password)
+                ok = await self.verify(user, password, rec.client)
             except Exception as e:  # a backend that fails (LDAP down...) refuses, in RFC 1929 terms
                 rec.note = f"auth-error ({e!r})"
                 ok = False

@@ -208,13 +208,15 @@ class AuthGate:
             self._executor = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="webproxy-auth")
         return await asyncio.get_running_loop().run_in_executor(self._executor, backend.verify, user, password)
 
-    async def verify_socks(self, user: str, password: str) -> bool:
-        """SOCKS5 username/password (RFC 1929) against the same backend and verdict cache."""
+    async def verify_socks(self, user: str, password: str, ip: str) -> bool:
+        """SOCKS5 username/password (RFC 1929) against the same backend and verdict cache; wrong
+        ones are slowed and logged per client address, as for HTTP."""
         key = credential_key(f"\0socks {user}:{password}", self._secret)
         if self._remembered(key) is not None:
             return True
         groups = await self.verify_in_thread(user, password)
         if groups is None:
+            await self._failed(ip, user, "wrong user name or password (SOCKS5)")
             return False
         self._remember(key, identity(user, groups))
         return True

@@ -77,6 +77,8 @@ def serve(server: SocksHost, started: Callable[..., Any]) -> Coroutine[Any, Any,
     return serve_socks(
         settings, allow_client=lambda ip: client_allowed(ip, server.cfg.access["allow_clients"]),
         deny_domain=lambda host: domain_denied(host, server.cfg.access),
-        # [auth] on: RFC 1929 username/password against the same backend (and verdict cache).
+        # [auth] on: RFC 1929 username/password against the same backend (and verdict cache),
+        # failures slowed per address, auth.exempt_clients offered "no authentication".
         verify=server.auth.verify_socks if server.auth.on else None,
+        needs_password=lambda ip: not server.auth.exempt(ip),
         resolve=server.resolve, log=log, started=started)
